@@ -1,0 +1,728 @@
+"""CLaRa: one base causal LM, three LoRA adapters and memory tokens, for compressed retrieval-augmented generation.
+
+A document is compressed once into `n_mem` continuous vectors: the compressor adapter reads
+`<ENC> + document + <MEM0>..<MEM{n-1}>` and the last-layer hidden states at the memory positions are
+the document's representation. The same vectors serve retrieval (cosine similarity against a question
+encoded the same way by the query-reasoner adapter) and generation (they replace the placeholder
+embeddings of the memory tokens in the generator's prompt).
+
+This file is copied to the Hub next to `configuration_clara.py` (remote code): it imports only
+torch, transformers, peft and the configuration file.
+"""
+
+import copy
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_clara import ClaraConfig
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("compressor", "query_reasoner", "generator", "memory_embeddings")
+
+
+@dataclass
+class ClaraOutput(ModelOutput):
+    """Output of [`ClaraForRAG.forward`].
+
+    Args:
+        loss: `lm_loss + mse_weight * mse_loss` (the MSE term only when documents are compressed with gradients).
+        lm_loss: next-token cross-entropy over the labelled (answer) tokens.
+        mse_loss: MSE between the mean memory state and the mean document-token state.
+        logits: the generator's logits `[B, T, vocab]`.
+        retrieval_scores: cosine scores `[B, N]` of the query against each candidate (retrieval mode only).
+        selected_indices: candidates picked by the top-k, in rank order `[B, k]` (retrieval mode only).
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    mse_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    retrieval_scores: torch.FloatTensor | None = None
+    selected_indices: torch.LongTensor | None = None
+
+
+def differentiable_topk(scores: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through top-k over the last dimension, with the reference semantics.
+
+    Forward: `weights[b, j]` is the one-hot vector of the j-th best candidate (exact hard top-k in rank order).
+    Backward: slot j's gradient flows through `softmax(scores / temperature + log(1 - taken_<j + 1e-8))`, where
+    `taken_<j` is the (detached) union of the picks of the earlier slots.
+
+    Args:
+        scores: `[B, N]` retrieval scores.
+        k: number of candidates to select, `1 <= k <= N`.
+        temperature: softmax temperature (> 0).
+
+    Returns:
+        `(weights [B, k, N], indices [B, k])`; select with `torch.einsum("bkn,bn...->bk...", weights, candidates)`.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [batch, candidates], got shape {tuple(scores.shape)}.")
+    num_candidates = scores.shape[-1]
+    if not 1 <= k <= num_candidates:
+        raise ValueError(f"k={k} must be between 1 and the number of candidates ({num_candidates}).")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    logits = scores / temperature
+    indices = scores.topk(k, dim=-1).indices
+    hard = F.one_hot(indices, num_candidates).to(logits.dtype)  # [B, k, N]
+    taken = torch.zeros_like(logits)
+    slots = []
+    for slot in range(k):
+        soft = torch.softmax(logits + torch.log(1.0 - taken + 1e-8), dim=-1)
+        slots.append(hard[:, slot] + soft - soft.detach())
+        taken = taken + hard[:, slot]
+    return torch.stack(slots, dim=1), indices
+
+
+def cosine_scores(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of flattened memory states, in float32.
+
+    Args:
+        queries: `[Q, n_mem, hidden]`.
+        documents: a shared corpus `[N, n_mem, hidden]` or per-query candidates `[Q, N, n_mem, hidden]`.
+
+    Returns:
+        `[Q, N]` scores.
+    """
+    if queries.dim() != 3:
+        raise ValueError(f"queries must be [Q, n_mem, hidden], got shape {tuple(queries.shape)}.")
+    if documents.dim() not in (3, 4) or documents.shape[-2:] != queries.shape[-2:]:
+        raise ValueError(
+            "documents must be [N, n_mem, hidden] or [Q, N, n_mem, hidden] with the queries' "
+            f"(n_mem, hidden) = {tuple(queries.shape[-2:])}, got shape {tuple(documents.shape)}."
+        )
+    if documents.dim() == 4 and documents.shape[0] != queries.shape[0]:
+        raise ValueError(f"{queries.shape[0]} queries but per-query candidates for {documents.shape[0]}.")
+    query_vectors = F.normalize(queries.flatten(-2).float(), dim=-1)
+    document_vectors = F.normalize(documents.to(queries.device).flatten(-2).float(), dim=-1)
+    if document_vectors.dim() == 2:
+        return query_vectors @ document_vectors.T
+    return torch.einsum("qd,qnd->qn", query_vectors, document_vectors)
+
+
+class ClaraPreTrainedModel(PreTrainedModel):
+    config_class = ClaraConfig
+    base_model_prefix = "clara"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+
+class ClaraForRAG(ClaraPreTrainedModel):
+    """Compressor, query reasoner and generator as three LoRA adapters on one frozen base causal LM.
+
+    Build a new one with [`ClaraForRAG.from_base_model`], load a trained one with `from_pretrained` (or
+    `AutoModel.from_pretrained`). The tokenizer, with the memory tokens, is `model.tokenizer` and is saved
+    with the model. The new tokens' embeddings live in `memory_embeddings` (the base embedding matrix is
+    untouched and frozen), so exactly the new rows are trainable.
+
+    Inference methods run in the model's current mode: `from_pretrained` and `from_base_model` return it in
+    eval mode (LoRA dropout off).
+    """
+
+    def __init__(self, config: ClaraConfig, language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if config.memory_token_ids is None or config.encoder_token_id is None or config.separator_token_id is None:
+            raise ValueError(
+                "This ClaraConfig has no memory-token ids: build a new model with ClaraForRAG.from_base_model(...)."
+            )
+        new_token_ids = self._new_token_ids(config)
+        if new_token_ids != list(range(new_token_ids[0], new_token_ids[0] + len(new_token_ids))):
+            raise ValueError(f"The memory, <ENC> and <SEP> token ids must be contiguous, got {new_token_ids}.")
+        self.first_new_token_id = new_token_ids[0]
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model
+        self.memory_embeddings = nn.Embedding(len(new_token_ids), config.text_config.hidden_size)
+        self.post_init()
+        # Adapters go in after post_init: weight initialisation must not touch them (lora_B starts at zero).
+        lora_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+            bias="none",
+        )
+        with warnings.catch_warnings():
+            # peft warns that a second adapter is added to a model: three adapters are the design.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for adapter in self.adapter_names.values():
+                inject_adapter_in_model(copy.deepcopy(lora_config), self.language_model, adapter_name=adapter)
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
+        self.tokenizer = None
+        self.generation_config = GenerationConfig(max_new_tokens=64, do_sample=False)
+        self.trainable_components = COMPONENTS
+        self._apply_trainable_components()
+
+    # ------------------------------------------------------------------ construction, saving, loading
+
+    @staticmethod
+    def _new_token_ids(config: ClaraConfig) -> list[int]:
+        return [*config.memory_token_ids, config.encoder_token_id, config.separator_token_id]
+
+    @classmethod
+    def from_base_model(
+        cls, base: PreTrainedModel | str, tokenizer=None, **config_overrides
+    ) -> "ClaraForRAG":
+        """A new CLaRa on a base causal LM.
+
+        Args:
+            base: a loaded causal LM (used in place, not copied: the adapters are injected into it) or a local
+                path / hub id to load one from.
+            tokenizer: the base's tokenizer; loaded from `base` when omitted. It is copied, then the memory
+                tokens, `<ENC>` and `<SEP>` are appended to the copy.
+            config_overrides: [`ClaraConfig`] fields (`compression_rate`, `doc_max_length`, LoRA settings...).
+                Unknown names raise.
+        """
+        if isinstance(base, str):
+            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base)
+            base = AutoModelForCausalLM.from_pretrained(base)
+        elif tokenizer is None:
+            if not base.name_or_path:
+                raise ValueError("Pass tokenizer=...: the base model carries no path to load its tokenizer from.")
+            tokenizer = AutoTokenizer.from_pretrained(base.name_or_path)
+        if getattr(base, "hf_quantizer", None) is not None:
+            if base.config.quantization_config.quant_method != "gguf":
+                raise ValueError("Quantized base models are not supported: load the base in float precision.")
+            # GGUF weights are dequantized on load; only the stale quantization config remains to drop.
+            base.hf_quantizer.remove_quantization_config(base)
+
+        config = ClaraConfig(text_config=copy.deepcopy(base.config), **config_overrides)
+        tokenizer = copy.deepcopy(tokenizer)
+        new_tokens = [f"<MEM{i}>" for i in range(config.num_memory_tokens)] + ["<ENC>", "<SEP>"]
+        already_there = [token for token in new_tokens if token in tokenizer.get_vocab()]
+        if already_there:
+            raise ValueError(f"The tokenizer already has CLaRa tokens {already_there[:3]}...: pass the base tokenizer.")
+        tokenizer.add_special_tokens({"extra_special_tokens": new_tokens}, replace_extra_special_tokens=False)
+        new_ids = tokenizer.convert_tokens_to_ids(new_tokens)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        config.memory_token_ids = new_ids[:-2]
+        config.encoder_token_id, config.separator_token_id = new_ids[-2:]
+        config.text_config._attn_implementation = base.config._attn_implementation
+        config.dtype = base.dtype
+        model = cls(config, language_model=base)
+        with torch.no_grad():
+            # Mean of the base embeddings plus a little noise, like transformers' mean resizing: distinct rows
+            # that start in the region the model knows.
+            base_embeddings = base.get_input_embeddings().weight.float()
+            mean, std = base_embeddings.mean(0), base_embeddings.std(0)
+            noise = torch.randn(len(new_ids), mean.shape[0], device=mean.device) * std * 1e-2
+            model.memory_embeddings.weight.copy_(mean + noise)
+        model.to(device=base.device, dtype=base.dtype)
+        model.tokenizer = tokenizer
+        model.generation_config = GenerationConfig(
+            max_new_tokens=64,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            # New tokens that fall inside the LM head (a base with a padded vocabulary) must never be generated.
+            suppress_tokens=[i for i in new_ids if i < base.get_output_embeddings().weight.shape[0]] or None,
+        )
+        return model.eval()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves the weights (safetensors: base, every adapter, memory embeddings), the config, the tokenizer and
+        the generation config. The state dict a Trainer passes (`state_dict=`) is honoured."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            if self.tokenizer is None:
+                raise ValueError("This model has no tokenizer to save: set model.tokenizer first.")
+            self.tokenizer.save_pretrained(save_directory)
+            self.generation_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Loads a saved CLaRa: every saved adapter is restored exactly, or this raises naming what is missing."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        missing = sorted(loading_info["missing_keys"])
+        if missing:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path} lacks {len(missing)} weight(s) of this model, "
+                f"e.g. {missing[:3]}: {cls._describe_missing(model.config, missing)}. Refusing to continue with "
+                "randomly initialised weights."
+            )
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "trust_remote_code")
+            if key in kwargs
+        }
+        model.tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        # Loading replaces the parameters, and with them their requires_grad flags.
+        model._apply_trainable_components()
+        return (model, loading_info) if output_loading_info else model
+
+    @staticmethod
+    def _describe_missing(config: ClaraConfig, missing: list[str]) -> str:
+        adapters = [
+            name
+            for name in (config.compressor_adapter, config.query_reasoner_adapter, config.generator_adapter)
+            if any(f".{name}." in key for key in missing)
+        ]
+        parts = [f"adapter(s) {adapters}"] if adapters else []
+        if any(key.startswith("memory_embeddings") for key in missing):
+            parts.append("the memory-token embeddings")
+        return " and ".join(parts) or "base model weights"
+
+    # ------------------------------------------------------------------ adapters and trainable parameters
+
+    @property
+    def adapter_names(self) -> dict[str, str]:
+        """Component name -> adapter name."""
+        return {
+            "compressor": self.config.compressor_adapter,
+            "query_reasoner": self.config.query_reasoner_adapter,
+            "generator": self.config.generator_adapter,
+        }
+
+    def set_trainable_components(self, components: Iterable[str]) -> None:
+        """Fixes which parameters train: any of "compressor", "query_reasoner", "generator", "memory_embeddings".
+
+        The base model is always frozen. The set stays fixed whatever adapter a forward pass switches to, so the
+        optimizer, DDP and ZeRO see one explicit set of trainable parameters.
+        """
+        components = tuple(components)
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"Unknown component(s) {sorted(unknown)}; choose from {COMPONENTS}.")
+        self.trainable_components = components
+        self._apply_trainable_components()
+
+    def _apply_trainable_components(self) -> None:
+        trainable_adapters = {self.adapter_names[c] for c in self.trainable_components if c in self.adapter_names}
+        for parameter in self.language_model.parameters():
+            parameter.requires_grad = False
+        for layer in self._lora_layers():
+            for layer_name in layer.adapter_layer_names:
+                for adapter, module in getattr(layer, layer_name).items():
+                    for parameter in module.parameters():
+                        parameter.requires_grad = adapter in trainable_adapters
+        self.memory_embeddings.weight.requires_grad = "memory_embeddings" in self.trainable_components
+
+    def _lora_layers(self) -> list[BaseTunerLayer]:
+        return [module for module in self.language_model.modules() if isinstance(module, BaseTunerLayer)]
+
+    def _use_adapter(self, component: str | None) -> None:
+        """Activates one component's adapter (None: the bare base model) without changing what trains."""
+        for layer in self._lora_layers():
+            layer.enable_adapters(component is not None)
+            if component is not None:
+                layer.set_adapter(self.adapter_names[component])
+        # peft's set_adapter / enable_adapters also flip requires_grad: restore the fixed trainable set.
+        self._apply_trainable_components()
+
+    # ------------------------------------------------------------------ tokenization
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("model.tokenizer is not set: load with from_pretrained or build with from_base_model.")
+        return self.tokenizer
+
+    def tokenize_for_compression(self, texts: Sequence[str], kind: str = "document") -> dict[str, torch.Tensor]:
+        """`<ENC> + text (truncated to doc_max_length) + <MEM0>..<MEM{n-1}>`, left-padded.
+
+        Used for documents (compressor) and questions (query reasoner) alike. Empty texts raise; the number of
+        truncated texts is logged.
+
+        Returns:
+            `{"input_ids", "attention_mask"}`, each `[len(texts), L]`; the memory tokens are the last n_mem
+            positions of every row.
+        """
+        tokenizer = self._require_tokenizer()
+        _check_texts(texts, kind)
+        token_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        max_length = self.config.doc_max_length
+        truncated = sum(len(ids) > max_length for ids in token_ids)
+        if truncated:
+            logger.warning(
+                "%d of %d %ss were longer than doc_max_length=%d tokens and were truncated.",
+                truncated, len(texts), kind, max_length,
+            )
+        sequences = [
+            [self.config.encoder_token_id, *ids[:max_length], *self.config.memory_token_ids] for ids in token_ids
+        ]
+        return _left_pad(sequences, tokenizer.pad_token_id, self.device)
+
+    def _render_prompt(self, question: str, documents_text: str, answer: str | None = None) -> str:
+        tokenizer = self._require_tokenizer()
+        if not tokenizer.chat_template:
+            raise ValueError("The tokenizer has no chat template; set tokenizer.chat_template for the generator.")
+        user = self.config.user_prompt_template.format(documents=documents_text, question=question)
+        messages = [{"role": "system", "content": self.config.system_prompt}, {"role": "user", "content": user}]
+        if answer is None:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": answer})
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def tokenize_for_generation(
+        self, questions: Sequence[str], num_documents: int | Sequence[int], answers: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The generator's chat prompt with `num_documents` blocks `<MEM0>..<MEM{n-1}><SEP>` per question, left-padded.
+
+        With `answers`, the assistant turn is appended and `labels` covers exactly its tokens (-100 elsewhere).
+        """
+        tokenizer = self._require_tokenizer()
+        _check_texts(questions, "question")
+        counts = [num_documents] * len(questions) if isinstance(num_documents, int) else list(num_documents)
+        if len(counts) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(counts)} document counts.")
+        if answers is not None and len(answers) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(answers)} answers.")
+        block = "".join(tokenizer.convert_ids_to_tokens([*self.config.memory_token_ids, self.config.separator_token_id]))
+        sequences, label_sequences = [], []
+        for i, (question, count) in enumerate(zip(questions, counts)):
+            prompt = self._render_prompt(question, block * count)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            expected = count * self.config.num_memory_tokens
+            found = sum(token_id in self.config.memory_token_ids for token_id in prompt_ids)
+            if found != expected:
+                raise ValueError(
+                    f"Question {i} produced {found} memory tokens instead of {expected}: questions must not contain "
+                    "the text of CLaRa's special tokens (<MEM..>, <ENC>, <SEP>)."
+                )
+            if answers is None:
+                sequences.append(prompt_ids)
+                continue
+            full_ids = tokenizer(self._render_prompt(question, block * count, answers[i]), add_special_tokens=False)[
+                "input_ids"
+            ]
+            if full_ids[: len(prompt_ids)] != prompt_ids:
+                raise ValueError("The chat template does not render the prompt as a prefix of prompt + answer.")
+            sequences.append(full_ids)
+            label_sequences.append([-100] * len(prompt_ids) + full_ids[len(prompt_ids) :])
+        batch = _left_pad(sequences, tokenizer.pad_token_id, self.device)
+        if answers is not None:
+            batch["labels"] = _left_pad(label_sequences, -100, self.device)["input_ids"]
+        return batch
+
+    # ------------------------------------------------------------------ core computations
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings, with the memory/`<ENC>`/`<SEP>` rows taken from `memory_embeddings`."""
+        is_new = input_ids >= self.first_new_token_id
+        base_ids = input_ids.masked_fill(is_new, 0)
+        embeddings = self.language_model.get_input_embeddings()(base_ids)
+        new_embeddings = self.memory_embeddings((input_ids - self.first_new_token_id).clamp(min=0))
+        return torch.where(is_new.unsqueeze(-1), new_embeddings.to(embeddings.dtype), embeddings)
+
+    def memory_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, component: str = "compressor"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs one adapter over `tokenize_for_compression` output.
+
+        Only the decoder runs (no LM head, no per-layer states).
+
+        Returns:
+            `(memory [B, n_mem, hidden], mse)`: the last-layer states at the memory positions, and the MSE between
+            their mean and the mean of the other non-padding states.
+        """
+        num_memory = self.config.num_memory_tokens
+        memory_ids = torch.tensor(self.config.memory_token_ids, device=input_ids.device)
+        if input_ids.dim() != 2 or not torch.equal(input_ids[:, -num_memory:], memory_ids.expand(len(input_ids), -1)):
+            raise ValueError("Compression inputs must be [B, L], left-padded, ending with the memory tokens.")
+        self._use_adapter(component)
+        hidden = self.language_model.get_decoder()(
+            inputs_embeds=self.embed_tokens(input_ids),
+            attention_mask=attention_mask,
+            position_ids=_position_ids(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        memory = hidden[:, -num_memory:]
+        text_mask = attention_mask[:, :-num_memory].unsqueeze(-1).to(hidden.dtype)
+        text_mean = (hidden[:, :-num_memory] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
+        mse = F.mse_loss(memory.mean(1).float(), text_mean.float())
+        return memory, mse
+
+    def generator_embeddings(self, input_ids: torch.Tensor, memory_vectors: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings with the memory placeholders overwritten, in order, by `memory_vectors`.
+
+        Args:
+            input_ids: `[B, T]` from `tokenize_for_generation`.
+            memory_vectors: `[B, k, n_mem, hidden]`, or `[M, hidden]` with M the total count of placeholders
+                (row-major over the batch; for a varying number of documents per question).
+        """
+        embeddings = self.embed_tokens(input_ids)
+        placeholders = torch.isin(input_ids, torch.tensor(self.config.memory_token_ids, device=input_ids.device))
+        vectors = memory_vectors.reshape(-1, memory_vectors.shape[-1])
+        if memory_vectors.dim() == 4 and memory_vectors.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} prompts but memory vectors for {memory_vectors.shape[0]}.")
+        if vectors.shape[0] != int(placeholders.sum()):
+            raise ValueError(
+                f"The prompts hold {int(placeholders.sum())} memory placeholders but {vectors.shape[0]} memory "
+                f"vectors were given (shape {tuple(memory_vectors.shape)})."
+            )
+        if vectors.shape[-1] != embeddings.shape[-1]:
+            raise ValueError(f"Memory vectors have hidden size {vectors.shape[-1]}, the model {embeddings.shape[-1]}.")
+        embeddings = embeddings.clone()
+        embeddings[placeholders] = vectors.to(embeddings.dtype)
+        return embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        document_input_ids: torch.LongTensor | None = None,
+        document_attention_mask: torch.Tensor | None = None,
+        document_embeddings: torch.Tensor | None = None,
+        query_input_ids: torch.LongTensor | None = None,
+        query_attention_mask: torch.Tensor | None = None,
+        top_k: int | None = None,
+        **loss_kwargs,
+    ) -> ClaraOutput:
+        """Training forward for the three stages.
+
+        - Without a query (stages 1 and 2): every candidate of a row goes to the generator, in order. Documents
+          given as tokens (`document_input_ids [B, N, L]`) are compressed with gradients and add the MSE term.
+        - With a query (`query_input_ids [B, Lq]`, stage 3): documents are compressed without gradients (or taken
+          from `document_embeddings [B, N, n_mem, hidden]`), the query reasoner scores them, the differentiable
+          top-k picks `top_k` (default `generation_top_k`) and the loss is the generator's CE alone.
+
+        `input_ids`/`attention_mask`/`labels` come from `tokenize_for_generation` with `num_documents` equal to the
+        number of documents the generator reads. Extra keyword arguments (e.g. `num_items_in_batch`) go to the
+        LM loss.
+        """
+        if (document_input_ids is None) == (document_embeddings is None):
+            raise ValueError("Pass exactly one of document_input_ids and document_embeddings.")
+        retrieval = query_input_ids is not None
+        mse_loss = None
+        if document_embeddings is None:
+            if document_input_ids.dim() != 3 or document_attention_mask is None:
+                raise ValueError("document_input_ids must be [B, N, L] with a matching document_attention_mask.")
+            batch, num_candidates, length = document_input_ids.shape
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not retrieval):
+                memory, mse = self.memory_states(
+                    document_input_ids.reshape(-1, length), document_attention_mask.reshape(-1, length)
+                )
+            document_embeddings = memory.reshape(batch, num_candidates, *memory.shape[1:])
+            mse_loss = None if retrieval else mse
+        elif document_embeddings.dim() != 4:
+            raise ValueError(f"document_embeddings must be [B, N, n_mem, hidden], got {tuple(document_embeddings.shape)}.")
+
+        retrieval_scores = selected_indices = None
+        if retrieval:
+            query_memory, _ = self.memory_states(query_input_ids, query_attention_mask, "query_reasoner")
+            retrieval_scores = cosine_scores(query_memory, document_embeddings)
+            weights, selected_indices = differentiable_topk(
+                retrieval_scores, top_k or self.config.generation_top_k, self.config.retrieval_temperature
+            )
+            selected = torch.einsum("bkn,bnmh->bkmh", weights.to(document_embeddings.dtype), document_embeddings)
+        else:
+            selected = document_embeddings
+
+        self._use_adapter("generator")
+        outputs = self.language_model(
+            inputs_embeds=self.generator_embeddings(input_ids, selected),
+            attention_mask=attention_mask,
+            position_ids=_position_ids(attention_mask),
+            labels=labels,
+            use_cache=False,
+            **loss_kwargs,
+        )
+        lm_loss = outputs.loss
+        loss = None
+        if lm_loss is not None:
+            loss = lm_loss if mse_loss is None else lm_loss + self.config.mse_weight * mse_loss
+        return ClaraOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            mse_loss=mse_loss,
+            logits=outputs.logits,
+            retrieval_scores=retrieval_scores,
+            selected_indices=selected_indices,
+        )
+
+    # ------------------------------------------------------------------ inference API
+
+    @torch.no_grad()
+    def _encode(self, texts: Sequence[str], component: str, batch_size: int, show_progress_bar: bool) -> torch.Tensor:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        kind = "document" if component == "compressor" else "question"
+        _check_texts(texts, kind)
+        starts = range(0, len(texts), batch_size)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"Encoding {kind}s", unit="batch")
+        chunks = []
+        for start in starts:
+            batch = self.tokenize_for_compression(texts[start : start + batch_size], kind)
+            chunks.append(self.memory_states(batch["input_ids"], batch["attention_mask"], component)[0])
+        return torch.cat(chunks)
+
+    def compress_documents(
+        self, texts: Sequence[str], batch_size: int = 32, show_progress_bar: bool = False
+    ) -> torch.Tensor:
+        """Compresses documents into `[N, n_mem, hidden]` memory vectors with the compressor adapter.
+
+        A document's vectors do not depend on the rest of its batch. Texts longer than `doc_max_length` tokens are
+        truncated (and counted in a logged warning); empty texts raise.
+        """
+        return self._encode(texts, "compressor", batch_size, show_progress_bar)
+
+    def encode_queries(self, questions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Encodes questions into `[Q, n_mem, hidden]` with the query-reasoner adapter."""
+        return self._encode(questions, "query_reasoner", batch_size, show_progress_bar=False)
+
+    def retrieve(
+        self, questions: Sequence[str], doc_embeddings: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k documents per question by cosine similarity of flattened memory states (float32).
+
+        Args:
+            questions: Q questions.
+            doc_embeddings: a shared corpus `[N, n_mem, hidden]` or per-question candidates `[Q, N, n_mem, hidden]`.
+            k: documents per question; raises when larger than N.
+
+        Returns:
+            `(scores [Q, k], indices [Q, k])`, best first.
+        """
+        queries = self.encode_queries(questions)
+        scores = cosine_scores(queries, doc_embeddings)
+        if not 1 <= k <= scores.shape[-1]:
+            raise ValueError(f"k={k} must be between 1 and the number of candidate documents ({scores.shape[-1]}).")
+        return scores.topk(k, dim=-1)
+
+    @torch.no_grad()
+    def generate_from_compressed(
+        self,
+        questions: Sequence[str],
+        selected_embeddings: torch.Tensor | Sequence[torch.Tensor],
+        **generate_kwargs,
+    ) -> list[str]:
+        """Answers each question from its selected compressed documents.
+
+        Args:
+            questions: Q questions.
+            selected_embeddings: `[Q, k, n_mem, hidden]`, or a list of Q tensors `[k_i, n_mem, hidden]`.
+            generate_kwargs: override `model.generation_config` (e.g. `max_new_tokens`).
+        """
+        if isinstance(selected_embeddings, torch.Tensor):
+            if selected_embeddings.dim() != 4:
+                raise ValueError(
+                    f"selected_embeddings must be [Q, k, n_mem, hidden], got {tuple(selected_embeddings.shape)}."
+                )
+            selected_embeddings = list(selected_embeddings)
+        if len(selected_embeddings) != len(questions):
+            raise ValueError(f"{len(questions)} questions but selected embeddings for {len(selected_embeddings)}.")
+        for i, embeddings in enumerate(selected_embeddings):
+            if embeddings.dim() != 3 or embeddings.shape[1] != self.config.num_memory_tokens:
+                raise ValueError(
+                    f"Selected embeddings of question {i} must be [k, {self.config.num_memory_tokens}, hidden], "
+                    f"got {tuple(embeddings.shape)}."
+                )
+        batch = self.tokenize_for_generation(questions, [len(e) for e in selected_embeddings])
+        memory_vectors = torch.cat([e.reshape(-1, e.shape[-1]) for e in selected_embeddings]).to(self.device)
+        inputs_embeds = self.generator_embeddings(batch["input_ids"], memory_vectors)
+        self._use_adapter("generator")
+        return self._generate(inputs_embeds, batch["attention_mask"], **generate_kwargs)
+
+    def answer(
+        self,
+        questions: Sequence[str],
+        documents: Sequence[Sequence[str]],
+        k: int | None = None,
+        batch_size: int = 32,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Compress each question's candidate documents, rerank them with the query reasoner, keep the top k and
+        answer from their memory vectors.
+
+        Args:
+            questions: Q questions.
+            documents: Q lists of candidate documents (counts may differ).
+            k: documents the generator reads. Default: `config.generation_top_k`, capped at each question's
+                candidate count. An explicit k larger than a question's candidate count raises.
+        """
+        _check_texts(questions, "question")
+        if len(documents) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(documents)} document lists.")
+        if isinstance(documents[0], str):
+            raise ValueError("documents must be one list of candidate documents per question.")
+        for i, candidates in enumerate(documents):
+            if not candidates:
+                raise ValueError(f"Question {i} has no candidate documents.")
+            if k is not None and k > len(candidates):
+                raise ValueError(f"k={k} but question {i} has only {len(candidates)} candidate documents.")
+        flat = [doc for candidates in documents for doc in candidates]
+        doc_embeddings = self.compress_documents(flat, batch_size=batch_size)
+        queries = self.encode_queries(questions, batch_size=batch_size)
+        selected, start = [], 0
+        for query, candidates in zip(queries, documents):
+            candidate_embeddings = doc_embeddings[start : start + len(candidates)]
+            start += len(candidates)
+            count = k if k is not None else min(self.config.generation_top_k, len(candidates))
+            top = cosine_scores(query[None], candidate_embeddings)[0].topk(count).indices
+            selected.append(candidate_embeddings[top])
+        return self.generate_from_compressed(questions, selected, **generate_kwargs)
+
+    @torch.no_grad()
+    def generate_from_text(
+        self, questions: Sequence[str], documents: Sequence[Sequence[str]], **generate_kwargs
+    ) -> list[str]:
+        """The uncompressed baseline: the bare base model (adapters off) reads the raw documents in the same prompt."""
+        tokenizer = self._require_tokenizer()
+        _check_texts(questions, "question")
+        if len(documents) != len(questions) or (documents and isinstance(documents[0], str)):
+            raise ValueError("documents must be one list of documents per question.")
+        prompts = [self._render_prompt(q, "\n\n".join(docs)) for q, docs in zip(questions, documents)]
+        batch = _left_pad(tokenizer(prompts, add_special_tokens=False)["input_ids"], tokenizer.pad_token_id, self.device)
+        self._use_adapter(None)
+        return self._generate(self.embed_tokens(batch["input_ids"]), batch["attention_mask"], **generate_kwargs)
+
+    def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> list[str]:
+        generation_config = copy.deepcopy(self.generation_config)
+        other_kwargs = generation_config.update(**generate_kwargs)  # e.g. logits_processor, streamer
+        generated = self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config, **other_kwargs
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
+def _check_texts(texts: Sequence[str], kind: str) -> None:
+    if isinstance(texts, str):
+        raise ValueError(f"Expected a list of {kind}s, got a single string.")
+    if len(texts) == 0:
+        raise ValueError(f"Expected at least one {kind}, got an empty list.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{kind.capitalize()} {i} is a {type(text).__name__}, not a string.")
+        if not text.strip():
+            raise ValueError(f"{kind.capitalize()} {i} is empty.")
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            input_ids[row, -len(sequence) :] = torch.tensor(sequence)
+            attention_mask[row, -len(sequence) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+__all__ = ["ClaraForRAG", "ClaraOutput", "ClaraPreTrainedModel", "cosine_scores", "differentiable_topk"]
