@@ -1,0 +1,3 @@
+"""The `clara` command line."""
+
+__all__: list[str] = []

