@@ -264,6 +264,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             if key in kwargs
         }
         model.tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        model.tokenizer.padding_side = "left"  # not kept by every tokenizer's saved config
         model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         # Loading replaces the parameters, and with them their requires_grad flags.
         model._apply_trainable_components()

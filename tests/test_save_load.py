@@ -1,0 +1,155 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import DOCUMENTS
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel
+
+from modeling_clara import ClaraConfig, ClaraForRAG
+
+QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
+
+
+def _outputs(model):
+    batch = model.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
+    documents = torch.stack([model.compress_documents(DOCUMENTS[:1]), model.compress_documents(DOCUMENTS[1:2])])
+    with torch.no_grad():
+        logits = model(**batch, document_embeddings=documents).logits
+    return {
+        "documents": model.compress_documents(DOCUMENTS),
+        "queries": model.encode_queries(QUESTIONS),
+        "logits": logits,
+        "answers": model.answer(QUESTIONS, [DOCUMENTS, DOCUMENTS[1:]], max_new_tokens=5),
+    }
+
+
+@pytest.fixture
+def saved(clara, tmp_path):
+    clara.generation_config.max_new_tokens = 7
+    clara.save_pretrained(tmp_path)
+    return clara, tmp_path
+
+
+def test_save_writes_safetensors_tokenizer_and_generation_config(saved):
+    _, directory = saved
+    files = set(os.listdir(directory))
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= files
+    assert not any(name.endswith((".bin", ".pth", ".pt", ".pkl")) for name in files)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_clara.ClaraConfig",
+        "AutoModel": "modeling_clara.ClaraForRAG",
+    }
+    assert {"modeling_clara.py", "configuration_clara.py"} <= files
+
+
+def test_load_gives_identical_outputs(saved):
+    model, directory = saved
+    loaded = ClaraForRAG.from_pretrained(directory)
+    expected, actual = _outputs(model), _outputs(loaded)
+    assert actual["answers"] == expected["answers"]
+    for key in ("documents", "queries", "logits"):
+        assert torch.equal(actual[key], expected[key]), key
+    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    assert loaded.tokenizer.padding_side == "left"
+    assert loaded.generation_config.max_new_tokens == 7
+    assert not loaded.training
+
+
+def test_every_adapter_is_restored_with_its_own_weights(saved):
+    model, directory = saved
+    loaded = AutoModel.from_pretrained(directory)
+    assert isinstance(loaded, ClaraForRAG)
+    assert isinstance(AutoConfig.from_pretrained(directory), ClaraConfig)
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    per_adapter = {}
+    for adapter in model.adapter_names.values():
+        keys = sorted(k for k in original if f".{adapter}." in k)
+        assert keys, adapter
+        for key in keys:
+            assert torch.equal(original[key], restored[key]), key
+        per_adapter[adapter] = torch.cat([original[k].flatten() for k in keys])
+    # The three adapters hold different weights, so no adapter was written with another's.
+    values = list(per_adapter.values())
+    assert not torch.equal(values[0], values[1]) and not torch.equal(values[1], values[2])
+    assert torch.equal(original["memory_embeddings.weight"], restored["memory_embeddings.weight"])
+
+
+def test_loading_restores_the_frozen_base(saved):
+    _, directory = saved
+    loaded = ClaraForRAG.from_pretrained(directory)
+    for name, parameter in loaded.named_parameters():
+        assert parameter.requires_grad == ("lora_" in name or name.startswith("memory_embeddings")), name
+
+
+@pytest.mark.parametrize(
+    "dropped, message",
+    [(".generator.", r"adapter\(s\) \['generator'\]"), ("memory_embeddings", "memory-token embeddings")],
+)
+def test_checkpoint_missing_a_part_fails_loudly(saved, dropped, message):
+    _, directory = saved
+    weights = load_file(directory / "model.safetensors")
+    kept = {key: value for key, value in weights.items() if dropped not in key}
+    assert len(kept) < len(weights)
+    save_file(kept, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        ClaraForRAG.from_pretrained(directory)
+
+
+def test_trainer_state_dict_is_honoured(clara, tmp_path):
+    state_dict = {key: value.clone() for key, value in clara.state_dict().items()}
+    state_dict["memory_embeddings.weight"].fill_(0.5)
+    clara.save_pretrained(tmp_path, state_dict=state_dict)
+    loaded = ClaraForRAG.from_pretrained(tmp_path)
+    assert torch.all(loaded.memory_embeddings.weight == 0.5)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["modeling_clara"] = None  # the package must not be importable in this process
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    directory, expected_path = sys.argv[1], sys.argv[2]
+    model = AutoModel.from_pretrained(directory, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    expected = load_file(expected_path)
+    documents = ["{0}", "{1}"]
+    assert torch.equal(model.compress_documents(documents), expected["documents"])
+    assert torch.equal(model.encode_queries(["Where is it?"]), expected["queries"])
+    print("REMOTE-OK", type(model).__name__)
+    """
+)
+
+
+def test_remote_code_loads_in_a_process_without_the_package(saved, tmp_path_factory):
+    model, directory = saved
+    expected_path = tmp_path_factory.mktemp("expected") / "expected.safetensors"
+    save_file(
+        {
+            "documents": model.compress_documents(DOCUMENTS[:2]),
+            "queries": model.encode_queries(["Where is it?"]),
+        },
+        expected_path,
+    )
+    script = REMOTE_CODE_SCRIPT.replace("{0}", DOCUMENTS[0]).replace("{1}", DOCUMENTS[1])
+    home = tmp_path_factory.mktemp("hf_home")
+    environment = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(directory), str(expected_path)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=home,  # not the project root, whose packages would be importable
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-OK ClaraForRAG" in result.stdout
