@@ -14,10 +14,12 @@ import copy
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from jinja2.exceptions import TemplateError
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -317,6 +319,20 @@ class ClaraForRAG(ClaraPreTrainedModel):
                         parameter.requires_grad = adapter in trainable_adapters
         self.memory_embeddings.weight.requires_grad = "memory_embeddings" in self.trainable_components
 
+    @contextmanager
+    def _dropout_disabled(self, component: str, disabled: bool = True):
+        """Turns off one adapter's LoRA dropout for the duration of the block."""
+        adapter = self.adapter_names[component]
+        dropouts = [layer.lora_dropout[adapter] for layer in self._lora_layers()] if disabled else []
+        modes = [dropout.training for dropout in dropouts]
+        for dropout in dropouts:
+            dropout.eval()
+        try:
+            yield
+        finally:
+            for dropout, mode in zip(dropouts, modes):
+                dropout.train(mode)
+
     def _lora_layers(self) -> list[BaseTunerLayer]:
         return [module for module in self.language_model.modules() if isinstance(module, BaseTunerLayer)]
 
@@ -366,11 +382,19 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if not tokenizer.chat_template:
             raise ValueError("The tokenizer has no chat template; set tokenizer.chat_template for the generator.")
         user = self.config.user_prompt_template.format(documents=documents_text, question=question)
-        messages = [{"role": "system", "content": self.config.system_prompt}, {"role": "user", "content": user}]
-        if answer is None:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        messages.append({"role": "assistant", "content": answer})
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        conversation = [{"role": "system", "content": self.config.system_prompt}, {"role": "user", "content": user}]
+        if answer is not None:
+            conversation.append({"role": "assistant", "content": answer})
+        try:
+            return self._apply_chat_template(conversation)
+        except TemplateError:
+            # Templates without a system role (Mistral-Instruct) get the system prompt at the top of the user turn.
+            folded = [{"role": "user", "content": f"{self.config.system_prompt}\n\n{user}"}, *conversation[2:]]
+            return self._apply_chat_template(folded)
+
+    def _apply_chat_template(self, conversation: list[dict[str, str]]) -> str:
+        ends_with_question = conversation[-1]["role"] == "user"
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=ends_with_question)
 
     def tokenize_for_generation(
         self, questions: Sequence[str], num_documents: int | Sequence[int], answers: Sequence[str] | None = None
@@ -438,6 +462,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
         memory_ids = torch.tensor(self.config.memory_token_ids, device=input_ids.device)
         if input_ids.dim() != 2 or not torch.equal(input_ids[:, -num_memory:], memory_ids.expand(len(input_ids), -1)):
             raise ValueError("Compression inputs must be [B, L], left-padded, ending with the memory tokens.")
+        if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in self.language_model.modules()):
+            # Recomputation in backward would run with whichever adapter is active then: silently wrong gradients.
+            raise ValueError(
+                f"Gradient checkpointing cannot train the {component}: disable it, or compress without gradients."
+            )
         self._use_adapter(component)
         hidden = self.language_model.get_decoder()(
             inputs_embeds=self.embed_tokens(input_ids),
@@ -508,7 +537,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             if document_input_ids.dim() != 3 or document_attention_mask is None:
                 raise ValueError("document_input_ids must be [B, N, L] with a matching document_attention_mask.")
             batch, num_candidates, length = document_input_ids.shape
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not retrieval):
+            frozen = retrieval  # stage 3: the compressor is frozen, so it runs deterministically, as in inference
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen), self._dropout_disabled("compressor", frozen):
                 memory, mse = self.memory_states(
                     document_input_ids.reshape(-1, length), document_attention_mask.reshape(-1, length)
                 )

@@ -403,12 +403,17 @@ def test_retrieval_training_forward_trains_query_reasoner_and_generator_only(cla
 
 
 def test_precomputed_document_embeddings_give_the_same_retrieval_loss(clara):
+    clara.train()  # the frozen compressor must still run without dropout, exactly as when precomputed
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:3], DOCUMENTS[1:]])
     queries = clara.tokenize_for_compression(QUESTIONS, "question")
     batch = clara.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
     common = dict(**batch, query_input_ids=queries["input_ids"], query_attention_mask=queries["attention_mask"], top_k=2)
+    torch.manual_seed(0)
     from_tokens = clara(**common, document_input_ids=document_ids, document_attention_mask=document_mask)
+    clara.eval()
     embeddings = torch.stack([clara.compress_documents(DOCUMENTS[:3]), clara.compress_documents(DOCUMENTS[1:])])
+    clara.train()
+    torch.manual_seed(0)
     from_embeddings = clara(**common, document_embeddings=embeddings)
     torch.testing.assert_close(from_tokens.loss, from_embeddings.loss, atol=1e-5, rtol=1e-5)
 
@@ -424,3 +429,29 @@ def test_forward_bad_input_raises(clara):
         clara(**batch, document_input_ids=document_ids.flip(-1), document_attention_mask=document_mask.flip(-1))
     with pytest.raises(ValueError, match="Unknown component"):
         clara.set_trainable_components(["decoder"])
+
+
+def test_gradient_checkpointing_refuses_to_train_the_compressor(clara):
+    clara.train()
+    clara.gradient_checkpointing_enable()
+    document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:1], DOCUMENTS[1:2]])
+    batch = clara.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
+    with pytest.raises(ValueError, match="Gradient checkpointing cannot train the compressor"):
+        clara(**batch, document_input_ids=document_ids, document_attention_mask=document_mask)
+
+
+MISTRAL_LIKE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    "{% elif message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_templates_without_a_system_role_get_it_in_the_user_turn(clara):
+    clara.tokenizer.chat_template = MISTRAL_LIKE_TEMPLATE
+    batch = clara.tokenize_for_generation(QUESTIONS[:1], 2, answers=["Paris"])
+    text = clara.tokenizer.decode(batch["input_ids"][0])
+    assert text.startswith("<s>[INST] " + clara.config.system_prompt + "\n\nBackground:\n")
+    assert text.endswith("[/INST]Paris<|im_end|>")
+    assert int(torch.isin(batch["input_ids"], torch.tensor(clara.config.memory_token_ids)).sum()) == 8
