@@ -27,6 +27,43 @@ def test_memory_tokens_are_added_contiguously_after_the_base_vocabulary(clara, t
     assert new_tokenizer.padding_side == "left"
 
 
+def test_from_base_model_loads_a_local_path(tokenizer, tmp_path):
+    build_base("llama", len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = ClaraForRAG.from_base_model(str(tmp_path), doc_max_length=32, compression_rate=8)
+    assert model.config.num_memory_tokens == 4
+    assert model.compress_documents(DOCUMENTS[:1]).shape == (1, 4, 32)
+
+
+def test_from_base_model_rejects_a_clara_tokenizer_and_unknown_options(clara, tokenizer):
+    with pytest.raises(ValueError, match="already has CLaRa tokens"):
+        ClaraForRAG.from_base_model(build_base("llama", len(tokenizer)), clara.tokenizer, doc_max_length=16, compression_rate=4)
+    with pytest.raises(TypeError, match="compresion_rate"):
+        ClaraForRAG.from_base_model(build_base("llama", len(tokenizer)), tokenizer, compresion_rate=4)
+
+
+def test_new_tokens_inside_a_padded_vocabulary_are_never_generated(tokenizer, monkeypatch):
+    base = build_base("mistral", len(tokenizer) + 16)  # LM head rows beyond the tokenizer, as in padded vocabularies
+    model = ClaraForRAG.from_base_model(base, tokenizer, doc_max_length=16, compression_rate=4)
+    new_ids = [*model.config.memory_token_ids, model.config.encoder_token_id, model.config.separator_token_id]
+    assert model.generation_config.suppress_tokens == new_ids
+    prompt = model._render_prompt(QUESTIONS[0], DOCUMENTS[0])
+    prompt_ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        # Point the new tokens' LM-head rows at the prompt's last state: they become the likeliest next tokens.
+        last_state = model.language_model.get_decoder()(prompt_ids).last_hidden_state[0, -1]
+        model.language_model.get_output_embeddings().weight[new_ids] = 100 * last_state / last_state.norm()
+    generated = []
+    generate = model.language_model.generate
+    monkeypatch.setattr(model.language_model, "generate", lambda **kwargs: generated.append(generate(**kwargs)) or generated[-1])
+    model.generate_from_text(QUESTIONS[:1], [DOCUMENTS[:1]], max_new_tokens=4)
+    assert generated[0].numel() > 0
+    assert not torch.isin(generated[0], torch.tensor(new_ids)).any()
+    model.generation_config.suppress_tokens = None  # without the suppression they would be generated
+    model.generate_from_text(QUESTIONS[:1], [DOCUMENTS[:1]], max_new_tokens=4)
+    assert generated[1][0, 0] in new_ids
+
+
 def test_compression_input_is_enc_document_memory_left_padded(clara):
     short, long = "Paris", "The Eiffel Tower is in Paris"
     batch = clara.tokenize_for_compression([short, long])
@@ -68,6 +105,17 @@ def test_compress_documents_shape_matches_a_reference_forward(clara):
                 inputs_embeds=clara.embed_tokens(batch["input_ids"]), output_hidden_states=True
             )
         torch.testing.assert_close(memories[i], outputs.hidden_states[-1][0, -config.num_memory_tokens :])
+
+
+def test_compression_never_runs_the_lm_head(clara):
+    calls = []
+    hook = clara.language_model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    clara.compress_documents(DOCUMENTS)
+    clara.encode_queries(QUESTIONS)
+    assert calls == []
+    clara.answer(QUESTIONS[:1], [DOCUMENTS], max_new_tokens=1)
+    assert calls  # the hook itself works
+    hook.remove()
 
 
 def test_compression_is_batch_invariant(clara):
@@ -433,7 +481,7 @@ def test_forward_bad_input_raises(clara):
 
 def test_gradient_checkpointing_refuses_to_train_the_compressor(clara):
     clara.train()
-    clara.gradient_checkpointing_enable()
+    clara.activation_checkpointing_enable()
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:1], DOCUMENTS[1:2]])
     batch = clara.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
     with pytest.raises(ValueError, match="Gradient checkpointing cannot train the compressor"):
