@@ -12,6 +12,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant. Your task is to extract relevant information from provided documents "
     "and to answer to questions as briefly as possible."
 )
+TRAINING_STAGES = (None, "scp", "instruct", "joint")
 DEFAULT_USER_PROMPT_TEMPLATE = "Background:\n{documents}\n\nQuestion:{question}"
 
 # Keys that `from_pretrained`, `to_dict` and the base `__post_init__` hand to a config although
@@ -59,6 +60,8 @@ class ClaraConfig(PreTrainedConfig):
             Weight of the MSE between mean memory states and mean document states in the loss.
         system_prompt (`str`), user_prompt_template (`str`):
             The generator's chat prompt. The template must contain `{documents}` and `{question}`.
+        training_stage (`str`, *optional*):
+            The last training stage this checkpoint went through: `"scp"`, `"instruct"` or `"joint"` (None: untrained).
         memory_token_ids (`list[int]`), encoder_token_id (`int`), separator_token_id (`int`):
             Ids of `<MEM0>..<MEM{n-1}>`, `<ENC>` and `<SEP>` in the model's tokenizer, set by
             `ClaraForRAG.from_base_model`. They are contiguous and follow the base vocabulary.
@@ -82,6 +85,7 @@ class ClaraConfig(PreTrainedConfig):
     mse_weight: float = 0.1
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     user_prompt_template: str = DEFAULT_USER_PROMPT_TEMPLATE
+    training_stage: str | None = None
     memory_token_ids: list[int] | None = None
     encoder_token_id: int | None = None
     separator_token_id: int | None = None
@@ -119,6 +123,8 @@ class ClaraConfig(PreTrainedConfig):
         for placeholder in ("{documents}", "{question}"):
             if placeholder not in self.user_prompt_template:
                 raise ValueError(f"user_prompt_template must contain {placeholder}.")
+        if self.training_stage not in TRAINING_STAGES:
+            raise ValueError(f"training_stage must be one of {TRAINING_STAGES}, got {self.training_stage!r}.")
         if self.memory_token_ids is not None and len(self.memory_token_ids) != self.num_memory_tokens:
             raise ValueError(
                 f"memory_token_ids has {len(self.memory_token_ids)} ids but doc_max_length // compression_rate "
@@ -131,4 +137,4 @@ class ClaraConfig(PreTrainedConfig):
         return self.doc_max_length // self.compression_rate
 
 
-__all__ = ["ClaraConfig"]
+__all__ = ["ClaraConfig", "TRAINING_STAGES"]

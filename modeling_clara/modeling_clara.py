@@ -319,6 +319,24 @@ class ClaraForRAG(ClaraPreTrainedModel):
                         parameter.requires_grad = adapter in trainable_adapters
         self.memory_embeddings.weight.requires_grad = "memory_embeddings" in self.trainable_components
 
+    @torch.no_grad()
+    def reset_adapter(self, component: str) -> None:
+        """Re-initialises one adapter as new (LoRA B = 0: the adapter starts as the identity)."""
+        adapter = self.adapter_names[component]
+        for layer in self._lora_layers():
+            layer.reset_lora_parameters(adapter, init_lora_weights=True)
+
+    @torch.no_grad()
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Copies one component's adapter weights into another's (stage 3 starts the query reasoner as the
+        compressor)."""
+        source_adapter, target_adapter = self.adapter_names[source], self.adapter_names[target]
+        for layer in self._lora_layers():
+            for layer_name in layer.adapter_layer_names:
+                modules = getattr(layer, layer_name)
+                if source_adapter in modules:
+                    modules[target_adapter].load_state_dict(modules[source_adapter].state_dict())
+
     @contextmanager
     def _dropout_disabled(self, component: str, disabled: bool = True):
         """Turns off one adapter's LoRA dropout for the duration of the block."""
@@ -359,7 +377,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         truncated texts is logged.
 
         Returns:
-            `{"input_ids", "attention_mask"}`, each `[len(texts), L]`; the memory tokens are the last n_mem
+            `{"input_ids", "attention_mask"}`, CPU tensors `[len(texts), L]`; the memory tokens are the last n_mem
             positions of every row.
         """
         tokenizer = self._require_tokenizer()
@@ -375,21 +393,24 @@ class ClaraForRAG(ClaraPreTrainedModel):
         sequences = [
             [self.config.encoder_token_id, *ids[:max_length], *self.config.memory_token_ids] for ids in token_ids
         ]
-        return _left_pad(sequences, tokenizer.pad_token_id, self.device)
+        return _left_pad(sequences, tokenizer.pad_token_id)
 
-    def _render_prompt(self, question: str, documents_text: str, answer: str | None = None) -> str:
+    def _render_prompt(
+        self, question: str, documents_text: str, answer: str | None = None, system_prompt: str | None = None
+    ) -> str:
         tokenizer = self._require_tokenizer()
         if not tokenizer.chat_template:
             raise ValueError("The tokenizer has no chat template; set tokenizer.chat_template for the generator.")
         user = self.config.user_prompt_template.format(documents=documents_text, question=question)
-        conversation = [{"role": "system", "content": self.config.system_prompt}, {"role": "user", "content": user}]
+        system_prompt = self.config.system_prompt if system_prompt is None else system_prompt
+        conversation = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
         if answer is not None:
             conversation.append({"role": "assistant", "content": answer})
         try:
             return self._apply_chat_template(conversation)
         except TemplateError:
             # Templates without a system role (Mistral-Instruct) get the system prompt at the top of the user turn.
-            folded = [{"role": "user", "content": f"{self.config.system_prompt}\n\n{user}"}, *conversation[2:]]
+            folded = [{"role": "user", "content": f"{system_prompt}\n\n{user}"}, *conversation[2:]]
             return self._apply_chat_template(folded)
 
     def _apply_chat_template(self, conversation: list[dict[str, str]]) -> str:
@@ -397,11 +418,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=ends_with_question)
 
     def tokenize_for_generation(
-        self, questions: Sequence[str], num_documents: int | Sequence[int], answers: Sequence[str] | None = None
+        self,
+        questions: Sequence[str],
+        num_documents: int | Sequence[int],
+        answers: Sequence[str] | None = None,
+        system_prompt: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """The generator's chat prompt with `num_documents` blocks `<MEM0>..<MEM{n-1}><SEP>` per question, left-padded.
 
         With `answers`, the assistant turn is appended and `labels` covers exactly its tokens (-100 elsewhere).
+        `system_prompt` replaces `config.system_prompt` (the SCP stage uses its own instructions).
         """
         tokenizer = self._require_tokenizer()
         _check_texts(questions, "question")
@@ -413,7 +439,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         block = "".join(tokenizer.convert_ids_to_tokens([*self.config.memory_token_ids, self.config.separator_token_id]))
         sequences, label_sequences = [], []
         for i, (question, count) in enumerate(zip(questions, counts)):
-            prompt = self._render_prompt(question, block * count)
+            prompt = self._render_prompt(question, block * count, system_prompt=system_prompt)
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             expected = count * self.config.num_memory_tokens
             found = sum(token_id in self.config.memory_token_ids for token_id in prompt_ids)
@@ -425,16 +451,15 @@ class ClaraForRAG(ClaraPreTrainedModel):
             if answers is None:
                 sequences.append(prompt_ids)
                 continue
-            full_ids = tokenizer(self._render_prompt(question, block * count, answers[i]), add_special_tokens=False)[
-                "input_ids"
-            ]
+            full_prompt = self._render_prompt(question, block * count, answers[i], system_prompt)
+            full_ids = tokenizer(full_prompt, add_special_tokens=False)["input_ids"]
             if full_ids[: len(prompt_ids)] != prompt_ids:
                 raise ValueError("The chat template does not render the prompt as a prefix of prompt + answer.")
             sequences.append(full_ids)
             label_sequences.append([-100] * len(prompt_ids) + full_ids[len(prompt_ids) :])
-        batch = _left_pad(sequences, tokenizer.pad_token_id, self.device)
+        batch = _left_pad(sequences, tokenizer.pad_token_id)
         if answers is not None:
-            batch["labels"] = _left_pad(label_sequences, -100, self.device)["input_ids"]
+            batch["labels"] = _left_pad(label_sequences, -100)["input_ids"]
         return batch
 
     # ------------------------------------------------------------------ core computations
@@ -455,8 +480,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         Only the decoder runs (no LM head, no per-layer states).
 
         Returns:
-            `(memory [B, n_mem, hidden], mse)`: the last-layer states at the memory positions, and the MSE between
-            their mean and the mean of the other non-padding states.
+            `(memory [B, n_mem, hidden], mse [B])`: the last-layer states at the memory positions, and per row the
+            MSE between their mean and the mean of the other non-padding states.
         """
         num_memory = self.config.num_memory_tokens
         memory_ids = torch.tensor(self.config.memory_token_ids, device=input_ids.device)
@@ -477,7 +502,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         memory = hidden[:, -num_memory:]
         text_mask = attention_mask[:, :-num_memory].unsqueeze(-1).to(hidden.dtype)
         text_mean = (hidden[:, :-num_memory] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
-        mse = F.mse_loss(memory.mean(1).float(), text_mean.float())
+        mse = (memory.mean(1).float() - text_mean.float()).pow(2).mean(-1)
         return memory, mse
 
     def generator_embeddings(self, input_ids: torch.Tensor, memory_vectors: torch.Tensor) -> torch.Tensor:
@@ -512,6 +537,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         document_input_ids: torch.LongTensor | None = None,
         document_attention_mask: torch.Tensor | None = None,
         document_embeddings: torch.Tensor | None = None,
+        document_mask: torch.Tensor | None = None,
         query_input_ids: torch.LongTensor | None = None,
         query_attention_mask: torch.Tensor | None = None,
         top_k: int | None = None,
@@ -519,15 +545,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
     ) -> ClaraOutput:
         """Training forward for the three stages.
 
-        - Without a query (stages 1 and 2): every candidate of a row goes to the generator, in order. Documents
+        - Without a query (stages 1 and 2): every document of a row goes to the generator, in order. Documents
           given as tokens (`document_input_ids [B, N, L]`) are compressed with gradients and add the MSE term.
         - With a query (`query_input_ids [B, Lq]`, stage 3): documents are compressed without gradients (or taken
           from `document_embeddings [B, N, n_mem, hidden]`), the query reasoner scores them, the differentiable
           top-k picks `top_k` (default `generation_top_k`) and the loss is the generator's CE alone.
 
-        `input_ids`/`attention_mask`/`labels` come from `tokenize_for_generation` with `num_documents` equal to the
-        number of documents the generator reads. Extra keyword arguments (e.g. `num_items_in_batch`) go to the
-        LM loss.
+        `document_mask [B, N]` marks real documents when rows have different counts (padding documents are never
+        selected and never reach the generator). `input_ids`/`attention_mask`/`labels` come from
+        `tokenize_for_generation` with one block per document the generator reads. Extra keyword arguments (e.g.
+        `num_items_in_batch`) go to the LM loss.
         """
         if (document_input_ids is None) == (document_embeddings is None):
             raise ValueError("Pass exactly one of document_input_ids and document_embeddings.")
@@ -543,18 +570,28 @@ class ClaraForRAG(ClaraPreTrainedModel):
                     document_input_ids.reshape(-1, length), document_attention_mask.reshape(-1, length)
                 )
             document_embeddings = memory.reshape(batch, num_candidates, *memory.shape[1:])
-            mse_loss = None if retrieval else mse
+            if not retrieval:
+                mse_loss = mse.mean() if document_mask is None else mse[document_mask.reshape(-1).bool()].mean()
         elif document_embeddings.dim() != 4:
             raise ValueError(f"document_embeddings must be [B, N, n_mem, hidden], got {tuple(document_embeddings.shape)}.")
+        if document_mask is not None and document_mask.shape != document_embeddings.shape[:2]:
+            raise ValueError(f"document_mask must be [B, N] = {tuple(document_embeddings.shape[:2])}.")
 
         retrieval_scores = selected_indices = None
         if retrieval:
+            top_k = top_k or self.config.generation_top_k
             query_memory, _ = self.memory_states(query_input_ids, query_attention_mask, "query_reasoner")
             retrieval_scores = cosine_scores(query_memory, document_embeddings)
+            if document_mask is not None:
+                if (document_mask.sum(-1) < top_k).any():
+                    raise ValueError(f"top_k={top_k} but a row has fewer real candidate documents.")
+                retrieval_scores = retrieval_scores.masked_fill(~document_mask.bool(), float("-inf"))
             weights, selected_indices = differentiable_topk(
-                retrieval_scores, top_k or self.config.generation_top_k, self.config.retrieval_temperature
+                retrieval_scores, top_k, self.config.retrieval_temperature
             )
             selected = torch.einsum("bkn,bnmh->bkmh", weights.to(document_embeddings.dtype), document_embeddings)
+        elif document_mask is not None:
+            selected = document_embeddings[document_mask.bool()]  # [M, n_mem, hidden], row-major
         else:
             selected = document_embeddings
 
@@ -596,6 +633,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         chunks = []
         for start in starts:
             batch = self.tokenize_for_compression(texts[start : start + batch_size], kind)
+            batch = {key: value.to(self.device) for key, value in batch.items()}
             chunks.append(self.memory_states(batch["input_ids"], batch["attention_mask"], component)[0])
         return torch.cat(chunks)
 
@@ -661,6 +699,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
                     f"got {tuple(embeddings.shape)}."
                 )
         batch = self.tokenize_for_generation(questions, [len(e) for e in selected_embeddings])
+        batch = {key: value.to(self.device) for key, value in batch.items()}
         memory_vectors = torch.cat([e.reshape(-1, e.shape[-1]) for e in selected_embeddings]).to(self.device)
         inputs_embeds = self.generator_embeddings(batch["input_ids"], memory_vectors)
         self._use_adapter("generator")
@@ -715,7 +754,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if len(documents) != len(questions) or (documents and isinstance(documents[0], str)):
             raise ValueError("documents must be one list of documents per question.")
         prompts = [self._render_prompt(q, "\n\n".join(docs)) for q, docs in zip(questions, documents)]
-        batch = _left_pad(tokenizer(prompts, add_special_tokens=False)["input_ids"], tokenizer.pad_token_id, self.device)
+        batch = _left_pad(tokenizer(prompts, add_special_tokens=False)["input_ids"], tokenizer.pad_token_id)
+        batch = {key: value.to(self.device) for key, value in batch.items()}
         self._use_adapter(None)
         return self._generate(self.embed_tokens(batch["input_ids"]), batch["attention_mask"], **generate_kwargs)
 
@@ -740,7 +780,7 @@ def _check_texts(texts: Sequence[str], kind: str) -> None:
             raise ValueError(f"{kind.capitalize()} {i} is empty.")
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -748,7 +788,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> 
         if sequence:
             input_ids[row, -len(sequence) :] = torch.tensor(sequence)
             attention_mask[row, -len(sequence) :] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
