@@ -370,11 +370,14 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError("model.tokenizer is not set: load with from_pretrained or build with from_base_model.")
         return self.tokenizer
 
-    def tokenize_for_compression(self, texts: Sequence[str], kind: str = "document") -> dict[str, torch.Tensor]:
+    def tokenize_for_compression(
+        self, texts: Sequence[str], kind: str = "document", warn_truncation: bool = True
+    ) -> dict[str, torch.Tensor]:
         """`<ENC> + text (truncated to doc_max_length) + <MEM0>..<MEM{n-1}>`, left-padded.
 
-        Used for documents (compressor) and questions (query reasoner) alike. Empty texts raise; the number of
-        truncated texts is logged.
+        Used for documents (compressor) and questions (query reasoner) alike. Empty texts raise. The number of
+        truncated texts is logged, or, with `warn_truncation=False` (training collators, which report it as a
+        metric), returned under `"num_truncated"`.
 
         Returns:
             `{"input_ids", "attention_mask"}`, CPU tensors `[len(texts), L]`; the memory tokens are the last n_mem
@@ -385,7 +388,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         token_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         max_length = self.config.doc_max_length
         truncated = sum(len(ids) > max_length for ids in token_ids)
-        if truncated:
+        if truncated and warn_truncation:
             logger.warning(
                 "%d of %d %ss were longer than doc_max_length=%d tokens and were truncated.",
                 truncated, len(texts), kind, max_length,
@@ -393,7 +396,10 @@ class ClaraForRAG(ClaraPreTrainedModel):
         sequences = [
             [self.config.encoder_token_id, *ids[:max_length], *self.config.memory_token_ids] for ids in token_ids
         ]
-        return _left_pad(sequences, tokenizer.pad_token_id)
+        batch = _left_pad(sequences, tokenizer.pad_token_id)
+        if not warn_truncation:
+            batch["num_truncated"] = truncated
+        return batch
 
     def _render_prompt(
         self, question: str, documents_text: str, answer: str | None = None, system_prompt: str | None = None
@@ -422,12 +428,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
         questions: Sequence[str],
         num_documents: int | Sequence[int],
         answers: Sequence[str] | None = None,
-        system_prompt: str | None = None,
+        system_prompt: str | Sequence[str] | None = None,
+        max_length: int | None = None,
+        warn_truncation: bool = True,
     ) -> dict[str, torch.Tensor]:
         """The generator's chat prompt with `num_documents` blocks `<MEM0>..<MEM{n-1}><SEP>` per question, left-padded.
 
-        With `answers`, the assistant turn is appended and `labels` covers exactly its tokens (-100 elsewhere).
-        `system_prompt` replaces `config.system_prompt` (the SCP stage uses its own instructions).
+        With `answers`, the assistant turn is appended and `labels` covers exactly its tokens (-100 elsewhere);
+        a sequence longer than `max_length` loses the end of its answer (counted in a logged warning, or returned
+        under `"num_truncated"` with `warn_truncation=False`).
+        `system_prompt` (one, or one per question) replaces `config.system_prompt`.
         """
         tokenizer = self._require_tokenizer()
         _check_texts(questions, "question")
@@ -436,10 +446,17 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError(f"{len(questions)} questions but {len(counts)} document counts.")
         if answers is not None and len(answers) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers.")
+        if system_prompt is None or isinstance(system_prompt, str):
+            system_prompts = [system_prompt] * len(questions)
+        else:
+            system_prompts = list(system_prompt)
+        if len(system_prompts) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(system_prompts)} system prompts.")
+        truncated = 0
         block = "".join(tokenizer.convert_ids_to_tokens([*self.config.memory_token_ids, self.config.separator_token_id]))
         sequences, label_sequences = [], []
         for i, (question, count) in enumerate(zip(questions, counts)):
-            prompt = self._render_prompt(question, block * count, system_prompt=system_prompt)
+            prompt = self._render_prompt(question, block * count, system_prompt=system_prompts[i])
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             expected = count * self.config.num_memory_tokens
             found = sum(token_id in self.config.memory_token_ids for token_id in prompt_ids)
@@ -451,13 +468,21 @@ class ClaraForRAG(ClaraPreTrainedModel):
             if answers is None:
                 sequences.append(prompt_ids)
                 continue
-            full_prompt = self._render_prompt(question, block * count, answers[i], system_prompt)
+            full_prompt = self._render_prompt(question, block * count, answers[i], system_prompts[i])
             full_ids = tokenizer(full_prompt, add_special_tokens=False)["input_ids"]
             if full_ids[: len(prompt_ids)] != prompt_ids:
                 raise ValueError("The chat template does not render the prompt as a prefix of prompt + answer.")
+            if max_length is not None and len(full_ids) > max_length:
+                if len(prompt_ids) >= max_length:
+                    raise ValueError(f"Question {i}: the prompt alone has {len(prompt_ids)} tokens, max_length={max_length}.")
+                full_ids, truncated = full_ids[:max_length], truncated + 1
             sequences.append(full_ids)
             label_sequences.append([-100] * len(prompt_ids) + full_ids[len(prompt_ids) :])
+        if truncated and warn_truncation:
+            logger.warning("%d of %d answers were cut to fit max_length=%d tokens.", truncated, len(questions), max_length)
         batch = _left_pad(sequences, tokenizer.pad_token_id)
+        if not warn_truncation:
+            batch["num_truncated"] = truncated
         if answers is not None:
             batch["labels"] = _left_pad(label_sequences, -100)["input_ids"]
         return batch

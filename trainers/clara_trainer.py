@@ -1,0 +1,147 @@
+"""What the three stage trainers share: model preparation, loss scaling, separate loss logging, retrieval metrics
+and saving complete `ClaraForRAG` checkpoints."""
+
+from collections import defaultdict
+
+import torch
+from accelerate.utils import gather_object
+from transformers import Trainer
+
+from modeling_clara import ClaraForRAG
+
+from .clara_config import ClaraTrainingConfig
+from .data import load_rows
+
+__all__ = ["ClaraTrainer"]
+
+TRUNCATION_METRICS = ("truncated_documents", "truncated_questions", "truncated_answers")
+
+
+class ClaraTrainer(Trainer):
+    """Base of [`SCPTrainer`], [`InstructTrainer`] and [`JointTrainer`]; not used directly.
+
+    Subclasses set `stage`, `previous_stages` (checkpoints they start from), `trainable_components`, and implement
+    `load_model` and `build_collator`.
+
+    - The trainable parameters are fixed before the optimizer is built (`ClaraForRAG.set_trainable_components`).
+    - The LM loss is normalised by the labelled-token count of the whole accumulated (and, by default, global)
+      batch, so gradient accumulation and data parallelism give the gradient of one large batch; the MSE term is
+      a per-micro-batch mean averaged over the accumulation steps.
+    - `lm_loss`, `mse_loss` (and in stage 3 `recall@k`, `precision@k`) are logged beside `loss`, and the fractions
+      of documents, questions and answers that were truncated to fit.
+    - A saved checkpoint records `training_stage` in its config and is a complete `ClaraForRAG`.
+    """
+
+    stage: str = ""
+    previous_stages: tuple[str, ...] = ()
+    trainable_components: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: ClaraForRAG | str | None = None,
+        args: ClaraTrainingConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        **kwargs,
+    ):
+        if args is None:
+            raise ValueError(f"{type(self).__name__} needs its config (args=...).")
+        model = model if model is not None else args.model_name_or_path
+        if model is None:
+            raise ValueError("Pass a model or set model_name_or_path.")
+        if isinstance(model, str):
+            model = self.load_model(model, args)
+        self.check_stage(model)
+        self.prepare_model(model, args)
+        model.config.mse_weight = args.mse_weight
+        model.set_trainable_components(self.trainable_components)
+        if train_dataset is None and args.train_file:
+            train_dataset = load_rows(args.train_file, self.stage, args.skip_malformed_rows)
+        if eval_dataset is None and args.eval_file:
+            eval_dataset = load_rows(args.eval_file, self.stage, args.skip_malformed_rows)
+        kwargs.setdefault("data_collator", self.build_collator(model, args))
+        kwargs.setdefault("processing_class", model.tokenizer)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ---------------------------------------------------------------- stage hooks
+
+    def load_model(self, name_or_path: str, args: ClaraTrainingConfig) -> ClaraForRAG:
+        return ClaraForRAG.from_pretrained(name_or_path)
+
+    def check_stage(self, model: ClaraForRAG) -> None:
+        found = model.config.training_stage
+        if found not in self.previous_stages:
+            expected = " or ".join(repr(stage) for stage in self.previous_stages) or "an untrained model"
+            raise ValueError(
+                f"Stage {self.stage!r} starts from a checkpoint of stage {expected}, but this model's training_stage "
+                f"is {found!r}."
+            )
+
+    def prepare_model(self, model: ClaraForRAG, args: ClaraTrainingConfig) -> None:
+        """Stage-specific changes to the adapters before training."""
+
+    def build_collator(self, model: ClaraForRAG, args: ClaraTrainingConfig):
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- loss and metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        positive_mask = inputs.pop("positive_mask", None)
+        truncation = {name: inputs.pop(name) for name in TRUNCATION_METRICS if name in inputs}
+        if num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs)
+        lm_loss = outputs.lm_loss
+        # With num_items_in_batch the LM loss is already a share of the accumulated batch's mean; the Trainer then
+        # neither divides by the accumulation steps nor lets DDP's gradient averaging go uncorrected.
+        scaled = num_items_in_batch is not None
+        if scaled and self.args.average_tokens_across_devices:
+            lm_loss = lm_loss * self.accelerator.num_processes
+        loss = lm_loss
+        if outputs.mse_loss is not None:
+            steps = self.current_gradient_accumulation_steps if scaled and model.training else 1
+            loss = loss + self.args.mse_weight * outputs.mse_loss / steps
+        self._record_metrics(model, inputs, outputs, positive_mask, num_items_in_batch)
+        for name, fraction in truncation.items():
+            self._metrics["train" if model.training else "eval"][name].append(float(fraction))
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_metrics(self, model, inputs, outputs, positive_mask, num_items_in_batch) -> None:
+        metrics = self._metrics["train" if model.training else "eval"]
+        lm_loss = outputs.lm_loss.detach()
+        if num_items_in_batch is not None:
+            # Back to this micro-batch's own mean per labelled token.
+            local_tokens = (inputs["labels"][..., 1:] != -100).sum().clamp(min=1)
+            lm_loss = lm_loss * num_items_in_batch / local_tokens
+        metrics["lm_loss"].append(lm_loss.item())
+        if outputs.mse_loss is not None:
+            metrics["mse_loss"].append(outputs.mse_loss.item())
+        if outputs.selected_indices is not None and positive_mask is not None:
+            has_positive = positive_mask.any(-1)
+            if has_positive.any():
+                hits = positive_mask.gather(1, outputs.selected_indices).sum(-1).float()[has_positive]
+                k = outputs.selected_indices.shape[-1]
+                metrics[f"recall@{k}"].append((hits / positive_mask.sum(-1)[has_positive]).mean().item())
+                metrics[f"precision@{k}"].append((hits / k).mean().item())
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "train" if self.model.training else "eval"
+        # Ranks may hold different metric names (a batch without pos_index has no recall): merge sums and counts.
+        local = {name: (sum(values), len(values)) for name, values in self._metrics[mode].items()}
+        merged = defaultdict(lambda: [0.0, 0])
+        for rank_metrics in gather_object([local]) if self.accelerator.num_processes > 1 else [local]:
+            for name, (total, count) in rank_metrics.items():
+                merged[name][0] += total
+                merged[name][1] += count
+        prefix = "eval_" if mode == "eval" else ""
+        logs = {**logs, **{f"{prefix}{name}": round(total / count, 6) for name, (total, count) in sorted(merged.items())}}
+        self._metrics[mode].clear()
+        super().log(logs, *args, **kwargs)
+
+    # ---------------------------------------------------------------- saving
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        self.accelerator.unwrap_model(self.model).config.training_stage = self.stage
+        super()._save(output_dir, state_dict=state_dict)

@@ -1,0 +1,138 @@
+"""Data collators: canonical rows (see `trainers.data`) -> `ClaraForRAG.forward` inputs."""
+
+import hashlib
+
+import torch
+
+__all__ = [
+    "SCP_QA_SYSTEM_PROMPT",
+    "SCP_QA_INSTRUCTION",
+    "PARAPHRASE_INSTRUCTIONS",
+    "SCPCollator",
+    "InstructCollator",
+    "JointCollator",
+]
+
+SCP_QA_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Given a document, generate some single questions to cover all key information "
+    "of the document and answer them."
+)
+SCP_QA_INSTRUCTION = "Generate questions that cover all key information of the document, and answer them."
+PARAPHRASE_INSTRUCTIONS = (
+    "Paraphrase the document.",
+    "Rewrite the background in your own words.",
+    "Restate the document, keeping all of its information.",
+    "Write the document again with different wording.",
+    "Reproduce the content of the background in other words.",
+    "Rephrase the document concisely without losing any fact.",
+    "Express the information of the document differently.",
+    "Give a faithful rewording of the background.",
+    "Summarise the document without leaving out any information.",
+    "Reformulate the document.",
+    "Rewrite the document so that it says the same with other words.",
+    "Retell the background, keeping every detail.",
+)
+
+
+def _paraphrase_instruction(document: str) -> str:
+    """One of the templates, chosen by the document's content: the same for a document in every run."""
+    digest = hashlib.sha256(document.encode("utf-8")).digest()
+    return PARAPHRASE_INSTRUCTIONS[digest[0] % len(PARAPHRASE_INSTRUCTIONS)]
+
+
+def _document_tensors(model, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
+    """`[B, N, L]` document tokens, `document_mask [B, N]` (rows with fewer documents are padded with copies of
+    their first document, masked out) and the fraction of truncated documents."""
+    num_documents = max(len(documents) for documents in documents_per_row)
+    padded = [documents + [documents[0]] * (num_documents - len(documents)) for documents in documents_per_row]
+    flat = model.tokenize_for_compression(
+        [document for documents in padded for document in documents], warn_truncation=False
+    )
+    batch = len(documents_per_row)
+    document_mask = torch.tensor(
+        [[i < len(documents) for i in range(num_documents)] for documents in documents_per_row], dtype=torch.bool
+    )
+    return {
+        "document_input_ids": flat["input_ids"].view(batch, num_documents, -1),
+        "document_attention_mask": flat["attention_mask"].view(batch, num_documents, -1),
+        "document_mask": document_mask,
+        # Padding copies are not counted: an upper bound would mislead.
+        "truncated_documents": torch.tensor(flat["num_truncated"] / len(flat["input_ids"])),
+    }
+
+
+def _truncation_as_metric(batch: dict) -> dict:
+    """Truncation counts travel in the batch (they survive dataloader workers) and are logged by the trainer."""
+    batch["truncated_answers"] = torch.tensor(batch.pop("num_truncated") / len(batch["input_ids"]))
+    return batch
+
+
+class SCPCollator:
+    """Stage 1: the compressor reads the document; the generator, seeing only its memory vectors, produces all its
+    QA pairs ("Question: ...\\nAnswer: ..." lines) or its paraphrase."""
+
+    def __init__(self, model, max_length: int):
+        self.model, self.max_length = model, max_length
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        instructions, targets, system_prompts = [], [], []
+        for row in rows:
+            if row["data_type"] == "qa":
+                instructions.append(SCP_QA_INSTRUCTION)
+                targets.append("\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(row["questions"], row["answers"])))
+                system_prompts.append(SCP_QA_SYSTEM_PROMPT)
+            else:
+                instructions.append(_paraphrase_instruction(row["document"]))
+                targets.append(row["answers"][0])
+                system_prompts.append(None)
+        batch = self.model.tokenize_for_generation(
+            instructions, 1, answers=targets, system_prompt=system_prompts, max_length=self.max_length,
+            warn_truncation=False,
+        )
+        batch.update(_document_tensors(self.model, [[row["document"]] for row in rows]))
+        return _truncation_as_metric(batch)
+
+
+class InstructCollator:
+    """Stage 2: the generator reads all of a question's documents (top-5 in the reference) and learns the answer."""
+
+    def __init__(self, model, max_length: int):
+        self.model, self.max_length = model, max_length
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.model.tokenize_for_generation(
+            [row["question"] for row in rows],
+            [len(row["documents"]) for row in rows],
+            answers=[row["answer"] for row in rows],
+            max_length=self.max_length,
+            warn_truncation=False,
+        )
+        batch.update(_document_tensors(self.model, [row["documents"] for row in rows]))
+        return _truncation_as_metric(batch)
+
+
+class JointCollator:
+    """Stage 3: the query reasoner scores the candidates, the generator reads the top k. `positive_mask [B, N]`
+    (from `pos_index`) is for Recall@k / Precision@k only; the model never sees it."""
+
+    def __init__(self, model, max_length: int, top_k: int):
+        self.model, self.max_length, self.top_k = model, max_length, top_k
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        for row in rows:
+            if len(row["documents"]) < self.top_k:
+                raise ValueError(f"A row has {len(row['documents'])} candidate documents, fewer than top_k={self.top_k}.")
+        questions = [row["question"] for row in rows]
+        batch = self.model.tokenize_for_generation(
+            questions, self.top_k, answers=[row["answer"] for row in rows], max_length=self.max_length,
+            warn_truncation=False,
+        )
+        batch.update(_document_tensors(self.model, [row["documents"] for row in rows]))
+        queries = self.model.tokenize_for_compression(questions, "question", warn_truncation=False)
+        batch["query_input_ids"], batch["query_attention_mask"] = queries["input_ids"], queries["attention_mask"]
+        positive_mask = torch.zeros_like(batch["document_mask"])
+        for i, row in enumerate(rows):
+            positive_mask[i, row["positives"]] = True
+        batch["positive_mask"] = positive_mask
+        batch["truncated_questions"] = torch.tensor(queries["num_truncated"] / len(rows))
+        return _truncation_as_metric(batch)

@@ -1,0 +1,113 @@
+"""Reading and validating the training data of the three stages (the reference formats, CLARA.md section 5).
+
+Every row is checked before training starts. A malformed row raises `MalformedRowError` naming the file and line,
+or, with `skip_malformed=True`, is skipped and counted by reason in a logged summary.
+"""
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MalformedRowError", "load_rows", "validate_row", "STAGES"]
+
+STAGES = ("scp", "instruct", "joint")
+
+
+class MalformedRowError(ValueError):
+    """A data row that does not have the stage's format."""
+
+
+def _nonempty_string(value, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MalformedRowError(f"'{field}' must be a non-empty string")
+    return value
+
+
+def _string_list(value, field: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise MalformedRowError(f"'{field}' must be a non-empty list of strings")
+    return [_nonempty_string(item, f"{field}[{i}]") for i, item in enumerate(value)]
+
+
+def _answer(row: dict) -> str:
+    """The training target of stages 2 and 3: `answer`, else `gold_answer` (the reference README and code differ)."""
+    for field in ("answer", "gold_answer"):
+        value = row.get(field)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if value is not None:
+            return _nonempty_string(value, field)
+    raise MalformedRowError("needs 'answer' or 'gold_answer'")
+
+
+def validate_row(row, stage: str) -> dict:
+    """Returns the row in the stage's canonical columns, or raises `MalformedRowError` saying what is wrong.
+
+    - scp: `data_type` ("qa" or "paraphrase"), `questions`, `answers`, `document`.
+    - instruct: `question`, `documents`, `answer`.
+    - joint: `question`, `documents`, `answer`, `positives` (indices into documents; empty when unknown).
+    """
+    if not isinstance(row, dict):
+        raise MalformedRowError(f"a row must be a JSON object, got {type(row).__name__}")
+    if stage == "scp":
+        data_type = row.get("data_type")
+        if data_type not in ("qa", "paraphrase"):
+            raise MalformedRowError(f"'data_type' must be 'qa' or 'paraphrase', got {data_type!r}")
+        documents = _string_list(row.get("docs"), "docs")
+        if len(documents) != 1:
+            raise MalformedRowError(f"an SCP row compresses one document, got {len(documents)} in 'docs'")
+        answers = _string_list(row.get("answers"), "answers")
+        questions = _string_list(row.get("question"), "question") if data_type == "qa" else []
+        if data_type == "qa" and len(questions) != len(answers):
+            raise MalformedRowError(f"{len(questions)} questions but {len(answers)} answers")
+        return {"data_type": data_type, "questions": questions, "answers": answers, "document": documents[0]}
+    if stage not in STAGES:
+        raise ValueError(f"Unknown stage {stage!r}; choose from {STAGES}.")
+    canonical = {
+        "question": _nonempty_string(row.get("question"), "question"),
+        "documents": _string_list(row.get("docs"), "docs"),
+        "answer": _answer(row),
+    }
+    if stage == "joint":
+        positives = row.get("pos_index", [])
+        if not isinstance(positives, list) or not all(
+            isinstance(i, int) and 0 <= i < len(canonical["documents"]) for i in positives
+        ):
+            raise MalformedRowError(f"'pos_index' must be a list of indices into 'docs', got {positives!r}")
+        canonical["positives"] = positives
+    return canonical
+
+
+def load_rows(path: str | Path, stage: str, skip_malformed: bool = False) -> Dataset:
+    """Reads a JSONL file of the stage's reference format into a `datasets.Dataset` of canonical rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No data file at {path}.")
+    rows, skipped = [], Counter()
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    parsed = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise MalformedRowError(f"invalid JSON ({error.msg})") from None
+                rows.append(validate_row(parsed, stage))
+            except MalformedRowError as error:
+                if not skip_malformed:
+                    raise MalformedRowError(
+                        f"{path}:{line_number}: {error} (pass skip_malformed_rows to skip such rows)"
+                    ) from None
+                skipped[str(error)] += 1
+    if skipped:
+        summary = "; ".join(f"{count} x {reason}" for reason, count in skipped.most_common())
+        logger.warning("Skipped %d malformed row(s) of %s: %s", sum(skipped.values()), path, summary)
+    if not rows:
+        raise ValueError(f"{path} holds no usable {stage} rows.")
+    return Dataset.from_list(rows)
