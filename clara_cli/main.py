@@ -1,4 +1,4 @@
-"""`clara`: command line entry point. Subcommands: `demo` (training and synthesis arrive with their issues)."""
+"""`clara`: command line entry point. Subcommands: `demo`, `train scp|instruct|joint`."""
 
 import argparse
 import sys
@@ -61,6 +61,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_stage_config(stage: str, recipe: str | None, overrides: list[str]):
+    """The stage's config from a YAML recipe plus `--key value` overrides; unknown keys raise before anything runs."""
+    import dataclasses
+
+    import yaml
+    from transformers import HfArgumentParser
+
+    from trainers import STAGE_CLASSES
+
+    config_class = STAGE_CLASSES[stage][0]
+    values = {}
+    if recipe:
+        with open(recipe, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"The recipe {recipe} must be a mapping of {config_class.__name__} fields.")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class) if f.init})
+        if unknown:
+            raise ValueError(f"Unknown key(s) in the recipe {recipe}: {unknown} (not fields of {config_class.__name__}).")
+    parser = HfArgumentParser(config_class)
+    parser.set_defaults(**values)
+    (config,) = parser.parse_args_into_dataclasses(args=overrides)
+    return config
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from trainers import STAGE_CLASSES
+
+    config = load_stage_config(args.stage, args.config, overrides)
+    trainer = STAGE_CLASSES[args.stage][1](args=config)
+    resume = config.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        print(f"Saved the {args.stage} model to {config.output_dir}.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clara", description=__doc__)
     subcommands = parser.add_subparsers(dest="command", required=True)
@@ -76,11 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--save", help="Directory to save the built model to.")
     demo.set_defaults(handler=_demo)
+    train = subcommands.add_parser(
+        "train",
+        help="Train one stage: clara train scp|instruct|joint --config RECIPE [--key value ...] (any config field).",
+    )
+    train.add_argument("stage", choices=["scp", "instruct", "joint"])
+    train.add_argument("--config", help="YAML recipe (hub_configs/recipes/...); --key value overrides its fields.")
+    train.set_defaults(handler=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.handler is _train:
+        return _train(args, rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     return args.handler(args)
 
 

@@ -11,10 +11,11 @@ torch, transformers, peft and the configuration file.
 """
 
 import copy
+import importlib
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 from .configuration_clara import ClaraConfig
@@ -217,10 +219,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
         config.text_config._attn_implementation = base.config._attn_implementation
         config.dtype = base.dtype
         model = cls(config, language_model=base)
-        with torch.no_grad():
+        base_embedding = base.get_input_embeddings().weight
+        with torch.no_grad(), _gathered([base_embedding]):
             # Mean of the base embeddings plus a little noise, like transformers' mean resizing: distinct rows
             # that start in the region the model knows.
-            base_embeddings = base.get_input_embeddings().weight.float()
+            base_embeddings = base_embedding.float()
             mean, std = base_embeddings.mean(0), base_embeddings.std(0)
             noise = torch.randn(len(new_ids), mean.shape[0], device=mean.device) * std * 1e-2
             model.memory_embeddings.weight.copy_(mean + noise)
@@ -232,7 +235,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             # New tokens that fall inside the LM head (a base with a padded vocabulary) must never be generated.
-            suppress_tokens=[i for i in new_ids if i < base.get_output_embeddings().weight.shape[0]] or None,
+            suppress_tokens=[i for i in new_ids if i < base.get_output_embeddings().out_features] or None,
         )
         return model.eval()
 
@@ -323,19 +326,24 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def reset_adapter(self, component: str) -> None:
         """Re-initialises one adapter as new (LoRA B = 0: the adapter starts as the identity)."""
         adapter = self.adapter_names[component]
-        for layer in self._lora_layers():
-            layer.reset_lora_parameters(adapter, init_lora_weights=True)
+        layers = self._lora_layers()
+        with _gathered([p for layer in layers for p in layer.parameters()], modifier_rank=0):
+            for layer in layers:
+                layer.reset_lora_parameters(adapter, init_lora_weights=True)
 
     @torch.no_grad()
     def copy_adapter(self, source: str, target: str) -> None:
         """Copies one component's adapter weights into another's (stage 3 starts the query reasoner as the
         compressor)."""
         source_adapter, target_adapter = self.adapter_names[source], self.adapter_names[target]
-        for layer in self._lora_layers():
-            for layer_name in layer.adapter_layer_names:
-                modules = getattr(layer, layer_name)
-                if source_adapter in modules:
-                    modules[target_adapter].load_state_dict(modules[source_adapter].state_dict())
+        layers = self._lora_layers()
+        with _gathered([p for layer in layers for p in layer.parameters()], modifier_rank=0):
+            for layer in layers:
+                for layer_name in layer.adapter_layer_names:
+                    modules = getattr(layer, layer_name)
+                    if source_adapter in modules:
+                        for name, parameter in modules[target_adapter].named_parameters():
+                            parameter.copy_(modules[source_adapter].get_parameter(name))
 
     @contextmanager
     def _dropout_disabled(self, component: str, disabled: bool = True):
@@ -791,6 +799,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config, **other_kwargs
         )
         return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
+def _gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):
+    """Inside the block, ZeRO-3 partitioned parameters hold their full values (and, with `modifier_rank`, that rank's
+    changes reach every rank). A no-op without ZeRO-3."""
+    if is_deepspeed_zero3_enabled():
+        # Imported by name: an import statement would make deepspeed a requirement of the Hub remote code.
+        deepspeed = importlib.import_module("deepspeed")
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
+    return nullcontext()
 
 
 def _check_texts(texts: Sequence[str], kind: str) -> None:

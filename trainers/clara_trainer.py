@@ -5,7 +5,7 @@ from collections import defaultdict
 
 import torch
 from accelerate.utils import gather_object
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from modeling_clara import ClaraForRAG
 
@@ -46,6 +46,7 @@ class ClaraTrainer(Trainer):
     ):
         if args is None:
             raise ValueError(f"{type(self).__name__} needs its config (args=...).")
+        set_seed(args.seed)  # new adapters and memory embeddings are drawn before the Trainer seeds anything
         model = model if model is not None else args.model_name_or_path
         if model is None:
             raise ValueError("Pass a model or set model_name_or_path.")
