@@ -102,3 +102,60 @@ def clara(request, _clara_models):
 @pytest.fixture
 def llama_clara(_clara_models):
     return copy.deepcopy(_clara_models["llama"])
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+FICTIONAL_FACTS = [
+    ("Zorland", "Quvi", "blue"),
+    ("Peltria", "Osk", "green"),
+    ("Marnova", "Telu", "red"),
+    ("Quessia", "Bram", "gold"),
+    ("Dovania", "Lirr", "white"),
+    ("Fentrel", "Ashk", "black"),
+    ("Gorrim", "Vell", "grey"),
+    ("Hastor", "Mupp", "pink"),
+]
+
+
+def scp_rows():
+    """Small SCP rows about fictional countries: QA rows and paraphrase rows."""
+    rows = []
+    for country, capital, colour in FICTIONAL_FACTS:
+        document = f"{country} is a country. Its capital is {capital}. Its flag is {colour}."
+        rows.append(
+            {
+                "data_type": "qa",
+                "question": [f"What is the capital of {country}?", f"What colour is the flag of {country}?"],
+                "answers": [capital, colour],
+                "docs": [document],
+            }
+        )
+        rows.append(
+            {"data_type": "paraphrase", "question": [], "answers": [f"{capital} is the capital of {country}."], "docs": [document]}
+        )
+    return rows
+
+
+def instruct_rows():
+    documents = [f"{country} is a country. Its capital is {capital}." for country, capital, _ in FICTIONAL_FACTS]
+    return [
+        {"question": f"What is the capital of {country}?", "docs": [documents[i], documents[(i + 1) % 8]], "answer": capital}
+        for i, (country, capital, _) in enumerate(FICTIONAL_FACTS)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tokenizer, tmp_path_factory):
+    """A tiny Llama and the test tokenizer saved as a base-model folder."""
+    directory = tmp_path_factory.mktemp("tiny_base")
+    build_base("llama", len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -60,7 +60,7 @@ class ClaraTrainer(Trainer):
             train_dataset = load_rows(args.train_file, self.stage, args.skip_malformed_rows)
         if eval_dataset is None and args.eval_file:
             eval_dataset = load_rows(args.eval_file, self.stage, args.skip_malformed_rows)
-        kwargs.setdefault("data_collator", self.build_collator(model, args))
+        kwargs.setdefault("data_collator", self.build_collator(model, args, [train_dataset, eval_dataset]))
         kwargs.setdefault("processing_class", model.tokenizer)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -73,16 +73,14 @@ class ClaraTrainer(Trainer):
     def check_stage(self, model: ClaraForRAG) -> None:
         found = model.config.training_stage
         if found not in self.previous_stages:
-            expected = " or ".join(repr(stage) for stage in self.previous_stages) or "an untrained model"
-            raise ValueError(
-                f"Stage {self.stage!r} starts from a checkpoint of stage {expected}, but this model's training_stage "
-                f"is {found!r}."
-            )
+            expected = " or ".join("an untrained model" if s is None else f"a {s!r} checkpoint" for s in self.previous_stages)
+            raise ValueError(f"Stage {self.stage!r} starts from {expected}, but this model's training_stage is {found!r}.")
 
     def prepare_model(self, model: ClaraForRAG, args: ClaraTrainingConfig) -> None:
         """Stage-specific changes to the adapters before training."""
 
-    def build_collator(self, model: ClaraForRAG, args: ClaraTrainingConfig):
+    def build_collator(self, model: ClaraForRAG, args: ClaraTrainingConfig, datasets: list):
+        """The stage's collator; `datasets` (train and eval, either may be None) for collators that precompute."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- loss and metrics

@@ -113,10 +113,14 @@ class InstructCollator:
 
 class JointCollator:
     """Stage 3: the query reasoner scores the candidates, the generator reads the top k. `positive_mask [B, N]`
-    (from `pos_index`) is for Recall@k / Precision@k only; the model never sees it."""
+    (from `pos_index`) is for Recall@k / Precision@k only; the model never sees it.
 
-    def __init__(self, model, max_length: int, top_k: int):
-        self.model, self.max_length, self.top_k = model, max_length, top_k
+    With `document_bank` (`(text -> row, [D, n_mem, hidden])`, see `JointTrainer.compress_all_documents`) the
+    batch carries precomputed `document_embeddings` instead of document tokens.
+    """
+
+    def __init__(self, model, max_length: int, top_k: int, document_bank: tuple[dict[str, int], torch.Tensor] | None = None):
+        self.model, self.max_length, self.top_k, self.document_bank = model, max_length, top_k, document_bank
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         for row in rows:
@@ -127,7 +131,10 @@ class JointCollator:
             questions, self.top_k, answers=[row["answer"] for row in rows], max_length=self.max_length,
             warn_truncation=False,
         )
-        batch.update(_document_tensors(self.model, [row["documents"] for row in rows]))
+        if self.document_bank is None:
+            batch.update(_document_tensors(self.model, [row["documents"] for row in rows]))
+        else:
+            batch.update(self._bank_embeddings([row["documents"] for row in rows]))
         queries = self.model.tokenize_for_compression(questions, "question", warn_truncation=False)
         batch["query_input_ids"], batch["query_attention_mask"] = queries["input_ids"], queries["attention_mask"]
         positive_mask = torch.zeros_like(batch["document_mask"])
@@ -136,3 +143,12 @@ class JointCollator:
         batch["positive_mask"] = positive_mask
         batch["truncated_questions"] = torch.tensor(queries["num_truncated"] / len(rows))
         return _truncation_as_metric(batch)
+
+    def _bank_embeddings(self, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
+        index, bank = self.document_bank
+        num_documents = max(len(documents) for documents in documents_per_row)
+        rows = [[index[d] for d in documents] + [index[documents[0]]] * (num_documents - len(documents)) for documents in documents_per_row]
+        document_mask = torch.tensor(
+            [[i < len(documents) for i in range(num_documents)] for documents in documents_per_row], dtype=torch.bool
+        )
+        return {"document_embeddings": bank[torch.tensor(rows)], "document_mask": document_mask}

@@ -22,5 +22,5 @@ class InstructTrainer(ClaraTrainer):
         if args.generator_init == "reinit":
             model.reset_adapter("generator")
 
-    def build_collator(self, model: ClaraForRAG, args: InstructConfig) -> InstructCollator:
+    def build_collator(self, model: ClaraForRAG, args: InstructConfig, datasets: list) -> InstructCollator:
         return InstructCollator(model, args.max_length)

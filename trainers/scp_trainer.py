@@ -35,5 +35,5 @@ class SCPTrainer(ClaraTrainer):
             return ClaraForRAG.from_base_model(base, tokenizer, **settings)
         return ClaraForRAG.from_base_model(name_or_path, **settings)
 
-    def build_collator(self, model: ClaraForRAG, args: SCPConfig) -> SCPCollator:
+    def build_collator(self, model: ClaraForRAG, args: SCPConfig, datasets: list) -> SCPCollator:
         return SCPCollator(model, args.max_length)

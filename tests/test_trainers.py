@@ -1,0 +1,242 @@
+import pytest
+import torch
+from pathlib import Path
+
+from conftest import build_base, instruct_rows, randomize_adapters, scp_rows, write_jsonl
+from datasets import Dataset
+
+from clara_cli.main import load_stage_config, main
+from modeling_clara import ClaraForRAG
+from trainers import (
+    InstructConfig,
+    InstructTrainer,
+    JointConfig,
+    JointTrainer,
+    MalformedRowError,
+    SCPConfig,
+    SCPTrainer,
+    load_rows,
+)
+from trainers.data import validate_row
+
+
+def new_model(tokenizer, **overrides):
+    settings = {"doc_max_length": 16, "compression_rate": 4, "lora_dropout": 0.0, **overrides}
+    return ClaraForRAG.from_base_model(build_base("llama", len(tokenizer)), tokenizer, **settings)
+
+
+def stage_config(config_class, tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=3,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_length=512,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return config_class(**settings)
+
+
+def dataset(rows, stage):
+    return Dataset.from_list([validate_row(row, stage) for row in rows])
+
+
+def joint_rows():
+    return [{**row, "docs": row["docs"] + [row["docs"][1]], "pos_index": [0]} for row in instruct_rows()]
+
+
+def snapshot(model):
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def changed_parameters(model, before):
+    return {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
+
+
+def component_parameters(model, *components):
+    names = set()
+    for name, _ in model.named_parameters():
+        for component in components:
+            if component == "memory_embeddings" and name.startswith("memory_embeddings"):
+                names.add(name)
+            elif component != "memory_embeddings" and f".{model.adapter_names[component]}." in name:
+                names.add(name)
+    return names
+
+
+# ---------------------------------------------------------------- exactly the intended parameters train
+
+
+def test_scp_trains_exactly_compressor_generator_and_memory_embeddings(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    before = snapshot(model)
+    trainer = SCPTrainer(model, stage_config(SCPConfig, tmp_path), train_dataset=dataset(scp_rows(), "scp"))
+    trainer.train()
+    expected = component_parameters(model, "compressor", "generator", "memory_embeddings")
+    assert changed_parameters(model, before) == expected
+    logged = trainer.state.log_history[0]
+    assert {"loss", "lm_loss", "mse_loss", "truncated_documents", "truncated_answers"} <= logged.keys()
+
+
+def test_instruct_reinitialises_the_generator_and_trains_compressor_and_generator(tokenizer, tmp_path):
+    model = randomize_adapters(new_model(tokenizer))
+    model.config.training_stage = "scp"
+    compressor_before = {n: p.clone() for n, p in model.named_parameters() if ".compressor." in n}
+    trainer = InstructTrainer(
+        model, stage_config(InstructConfig, tmp_path, max_steps=1, learning_rate=1e-9), train_dataset=dataset(instruct_rows(), "instruct")
+    )
+    generator_b = [p for n, p in model.named_parameters() if ".generator." in n and "lora_B" in n]
+    assert all(torch.all(p == 0) for p in generator_b)  # a new generator adapter
+    assert all(torch.equal(p, compressor_before[n]) for n, p in model.named_parameters() if ".compressor." in n)
+    before = snapshot(model)
+    trainer.args.learning_rate = 1e-2
+    trainer.args.max_steps = 3
+    trainer.train()
+    changed = changed_parameters(model, before)
+    assert changed == component_parameters(model, "compressor", "generator", "memory_embeddings")
+
+
+def test_joint_starts_the_query_reasoner_from_the_compressor_and_freezes_the_compressor(tokenizer, tmp_path):
+    model = randomize_adapters(new_model(tokenizer, generation_top_k=1))
+    model.config.training_stage = "instruct"
+    trainer = JointTrainer(model, stage_config(JointConfig, tmp_path, top_k=2), train_dataset=dataset(joint_rows(), "joint"))
+    parameters = dict(model.named_parameters())
+    for name in component_parameters(model, "compressor"):
+        assert torch.equal(parameters[name], parameters[name.replace(".compressor.", ".query_reasoner.")])
+    before = snapshot(model)
+    trainer.train()
+    assert changed_parameters(model, before) == component_parameters(model, "query_reasoner", "generator")
+    logged = trainer.state.log_history[0]
+    assert {"recall@2", "precision@2", "lm_loss"} <= logged.keys() and "mse_loss" not in logged
+
+
+def test_gradient_accumulation_matches_one_large_batch(tokenizer, tmp_path):
+    rows = dataset(scp_rows()[:4], "scp")
+    results = []
+    for micro_batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        model = new_model(tokenizer)
+        config = stage_config(SCPConfig, tmp_path, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=accumulation)
+        SCPTrainer(model, config, train_dataset=rows).train()
+        results.append(snapshot(model))
+    for other in results[1:]:
+        for name, value in results[0].items():
+            torch.testing.assert_close(other[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------- checkpoints and bad input
+
+
+def test_output_is_a_complete_checkpoint_of_its_stage(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    trainer = SCPTrainer(model, stage_config(SCPConfig, tmp_path, max_steps=1), train_dataset=dataset(scp_rows(), "scp"))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "scp"))
+    loaded = ClaraForRAG.from_pretrained(tmp_path / "scp")
+    assert loaded.config.training_stage == "scp"
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    # The next stage takes the directory; the stage after that refuses it.
+    InstructTrainer(str(tmp_path / "scp"), stage_config(InstructConfig, tmp_path), train_dataset=dataset(instruct_rows(), "instruct"))
+    with pytest.raises(ValueError, match="'scp' starts from an untrained model, but this model's training_stage is 'scp'"):
+        SCPTrainer(loaded, stage_config(SCPConfig, tmp_path), train_dataset=dataset(scp_rows(), "scp"))
+
+
+@pytest.mark.parametrize(
+    "trainer_class, config_class, stage, message",
+    [
+        (InstructTrainer, InstructConfig, None, "from a 'scp' checkpoint, but .* is None"),
+        (JointTrainer, JointConfig, "joint", "from a 'instruct' checkpoint or a 'scp' checkpoint, but .* is 'joint'"),
+    ],
+)
+def test_wrong_stage_checkpoints_are_refused(tokenizer, tmp_path, trainer_class, config_class, stage, message):
+    model = new_model(tokenizer)
+    model.config.training_stage = stage
+    with pytest.raises(ValueError, match=message):
+        trainer_class(model, stage_config(config_class, tmp_path), train_dataset=dataset(joint_rows(), "joint"))
+
+
+def test_stage_option_values_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="generator_init"):
+        stage_config(InstructConfig, tmp_path, generator_init="random")
+    with pytest.raises(ValueError, match="top_k"):
+        stage_config(JointConfig, tmp_path, top_k=0)
+    with pytest.raises(ValueError, match="query_reasoner_init"):
+        stage_config(JointConfig, tmp_path, query_reasoner_init="generator")
+
+
+def test_a_data_file_in_the_wrong_format_fails_before_training(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    model.config.training_stage = "scp"
+    scp_file = write_jsonl(tmp_path / "scp.jsonl", scp_rows())
+    with pytest.raises(MalformedRowError, match="scp.jsonl:1: 'question' must be a non-empty string"):
+        InstructTrainer(model, stage_config(InstructConfig, tmp_path, train_file=scp_file))
+
+
+def test_joint_collator_refuses_rows_with_fewer_candidates_than_top_k(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    model.config.training_stage = "instruct"
+    trainer = JointTrainer(model, stage_config(JointConfig, tmp_path, top_k=3), train_dataset=dataset(instruct_rows(), "joint"))
+    with pytest.raises(ValueError, match="fewer than top_k=3"):
+        trainer.data_collator([trainer.train_dataset[0]])
+
+
+# ---------------------------------------------------------------- the command line
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "hub_configs" / "recipes"
+
+
+def test_recipes_parse_with_overrides(tmp_path):
+    config = load_stage_config(
+        "joint", str(RECIPES / "mistral-7b-cr16" / "joint.yaml"), ["--top_k", "3", "--use_cpu", "true"]
+    )
+    assert isinstance(config, JointConfig)
+    assert config.top_k == 3 and config.learning_rate == 5e-6 and config.bf16
+    for stage in ("scp", "instruct", "joint"):
+        for recipe in ("mistral-7b-cr16", "mistral-7b-cr32", "smollm2-135m-cpu"):
+            load_stage_config(stage, str(RECIPES / recipe / f"{stage}.yaml"), ["--use_cpu", "true"])
+
+
+def test_unknown_recipe_keys_and_options_raise(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 1.0e-4\ncompresion_rate: 16\n")
+    with pytest.raises(ValueError, match="compresion_rate"):
+        load_stage_config("scp", str(recipe), [])
+    with pytest.raises(ValueError, match="compresion_rate"):
+        load_stage_config("scp", None, ["--compresion_rate", "16"])
+
+
+def test_clara_train_runs_a_stage_end_to_end(tiny_base_dir, tmp_path):
+    data = write_jsonl(tmp_path / "scp.jsonl", scp_rows())
+    output = tmp_path / "scp"
+    arguments = [
+        "train", "scp", "--config", str(RECIPES / "smollm2-135m-cpu" / "scp.yaml"),
+        "--model_name_or_path", tiny_base_dir, "--train_file", data, "--output_dir", str(output),
+        "--compression_rate", "4", "--doc_max_length", "16", "--max_steps", "2", "--report_to", "none",
+        "--save_strategy", "no",
+    ]
+    assert main(arguments) == 0
+    model = ClaraForRAG.from_pretrained(output)
+    assert model.config.training_stage == "scp" and model.config.num_memory_tokens == 4
+
+
+def test_precomputed_document_embeddings_train_the_same_weights(tokenizer, tmp_path):
+    results = []
+    for precompute in (False, True):
+        model = randomize_adapters(new_model(tokenizer, lora_dropout=0.1))
+        model.config.training_stage = "instruct"
+        config = stage_config(JointConfig, tmp_path, top_k=2, precompute_document_embeddings=precompute)
+        trainer = JointTrainer(model, config, train_dataset=dataset(joint_rows(), "joint"))
+        batch = trainer.data_collator([trainer.train_dataset[0]])
+        assert ("document_embeddings" in batch) == precompute and ("document_input_ids" in batch) != precompute
+        trainer.train()
+        results.append(snapshot(model))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
