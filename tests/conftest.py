@@ -52,12 +52,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_base(kind: str, vocab_size: int, seed: int = 0):
+def build_base(kind: str, vocab_size: int, seed: int = 0, initializer_range: float = 0.02, hidden_size: int = 32):
+    """A tiny random base. A larger `initializer_range` lets the frozen LM head express confident predictions
+    (behind RMSNorm, logits are bounded by the embedding norms), which the learning tests need."""
     torch.manual_seed(seed)
     sizes = dict(
+        initializer_range=initializer_range,
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -20,9 +20,10 @@ from trainers import (
 from trainers.data import validate_row
 
 
-def new_model(tokenizer, **overrides):
+def new_model(tokenizer, initializer_range=0.02, hidden_size=32, **overrides):
     settings = {"doc_max_length": 16, "compression_rate": 4, "lora_dropout": 0.0, **overrides}
-    return ClaraForRAG.from_base_model(build_base("llama", len(tokenizer)), tokenizer, **settings)
+    base = build_base("llama", len(tokenizer), initializer_range=initializer_range, hidden_size=hidden_size)
+    return ClaraForRAG.from_base_model(base, tokenizer, **settings)
 
 
 def stage_config(config_class, tmp_path, **overrides):

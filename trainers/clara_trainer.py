@@ -141,6 +141,11 @@ class ClaraTrainer(Trainer):
 
     # ---------------------------------------------------------------- saving
 
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self.accelerator.unwrap_model(self.model).config.training_stage = self.stage
+        return output
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         self.accelerator.unwrap_model(self.model).config.training_stage = self.stage
         super()._save(output_dir, state_dict=state_dict)
