@@ -1,0 +1,115 @@
+"""Two CPU processes under DDP, DeepSpeed ZeRO-2 and ZeRO-3 train the same weights as one process; a killed run
+resumes to the same weights as an uninterrupted one."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import scp_rows, write_jsonl
+from safetensors.torch import load_file
+
+from modeling_clara import ClaraForRAG
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def common_arguments(base_dir, data, output):
+    return [
+        "--model_name_or_path", base_dir, "--train_file", data, "--output_dir", str(output), "--use_cpu", "true",
+        "--compression_rate", "4", "--doc_max_length", "16", "--max_length", "512", "--lora_dropout", "0",
+        "--learning_rate", "1e-2", "--warmup_steps", "0", "--max_steps", "3", "--gradient_accumulation_steps", "1",
+        "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "true",
+    ]
+
+
+def run(command, timeout=600):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tiny_base_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("distributed")
+    data = write_jsonl(directory / "scp.jsonl", scp_rows()[:4])  # one global batch: every step sees every row
+    output = directory / "single"
+    arguments = common_arguments(tiny_base_dir, data, output) + ["--per_device_train_batch_size", "4"]
+    run([sys.executable, "-m", "clara_cli.main", "train", "scp", *arguments])
+    return directory, data, output
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "zero2", "zero3"])
+def test_two_processes_match_one(launcher, single_process_run, tiny_base_dir):
+    directory, data, single_output = single_process_run
+    output = directory / launcher
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    arguments = common_arguments(tiny_base_dir, data, output) + ["--per_device_train_batch_size", "2"]
+    config_file = ROOT / "hub_configs" / "accelerate" / f"{launcher}.yaml"
+    run([*accelerate, "--config_file", str(config_file), "-m", "clara_cli.main", "train", "scp", *arguments])
+
+    expected = load_file(single_output / "model.safetensors")
+    # The checkpoint loads through from_pretrained, and every adapter holds its own trained weights.
+    loaded = ClaraForRAG.from_pretrained(output).state_dict()
+    assert loaded.keys() == ClaraForRAG.from_pretrained(single_output).state_dict().keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name], value, atol=1e-4, rtol=1e-3, msg=name)
+    trained = [name for name in expected if ".lora_B.compressor." in name or ".lora_B.generator." in name]
+    assert trained and all(expected[name].abs().sum() > 0 for name in trained)
+    untouched = [name for name in expected if ".lora_B.query_reasoner." in name]
+    assert untouched and all(expected[name].abs().sum() == 0 for name in untouched)
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from clara_cli.main import load_stage_config
+    from trainers import SCPTrainer
+
+    class KillAfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["KILL_AFTER_STEP"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = SCPTrainer(args=load_stage_config("scp", None, sys.argv[1:]))
+    trainer.add_callback(KillAfterStep())
+    trainer.train()
+    """
+)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_base_dir, tmp_path):
+    data = write_jsonl(tmp_path / "scp.jsonl", scp_rows())
+
+    def arguments(output):
+        values = common_arguments(tiny_base_dir, data, output)
+        values[values.index("--max_steps") + 1] = "6"
+        values[values.index("--save_strategy") + 1] = "steps"
+        values[values.index("--lora_dropout") + 1] = "0.1"  # random state must be restored too
+        return values + ["--save_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"]
+
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run([sys.executable, "-m", "clara_cli.main", "train", "scp", *arguments(uninterrupted)])
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AFTER_STEP": "5"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, *arguments(resumed)], cwd=ROOT, env=environment, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (resumed / "model.safetensors").exists()
+
+    run([sys.executable, "-m", "clara_cli.main", "train", "scp", *arguments(resumed), "--resume_from_checkpoint", "last"])
+    expected = load_file(uninterrupted / "model.safetensors")
+    actual = load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, atol=1e-6, rtol=1e-5, msg=name)
