@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import scp_rows, write_jsonl
+from conftest import instruct_rows, scp_rows, write_jsonl
 from safetensors.torch import load_file
 
 from modeling_clara import ClaraForRAG
@@ -113,3 +113,28 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_base_dir, tmp_path):
     assert expected.keys() == actual.keys()
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_zero3_continues_from_a_previous_stage_checkpoint(single_process_run):
+    """Stage 2 under ZeRO-3 loads the stage-1 checkpoint partitioned across processes (adapter surgery included)."""
+    directory, _, scp_output = single_process_run
+    data = write_jsonl(directory / "instruct.jsonl", instruct_rows()[:4])
+
+    def arguments(output):
+        return [
+            "--model_name_or_path", str(scp_output), "--train_file", data, "--output_dir", str(output),
+            "--use_cpu", "true", "--max_length", "512", "--learning_rate", "1e-2", "--warmup_steps", "0",
+            "--max_steps", "2", "--gradient_accumulation_steps", "1", "--save_strategy", "no", "--report_to", "none",
+            "--disable_tqdm", "true", "--generator_init", "keep",
+        ]
+
+    run([sys.executable, "-m", "clara_cli.main", "train", "instruct", *arguments(directory / "instruct_single"),
+         "--per_device_train_batch_size", "4"])
+    config_file = ROOT / "hub_configs" / "accelerate" / "zero3.yaml"
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "-m", "clara_cli.main",
+         "train", "instruct", *arguments(directory / "instruct_zero3"), "--per_device_train_batch_size", "2"])
+    expected = ClaraForRAG.from_pretrained(directory / "instruct_single").state_dict()
+    actual = ClaraForRAG.from_pretrained(directory / "instruct_zero3")
+    assert actual.config.training_stage == "instruct"
+    for name, value in actual.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-4, rtol=1e-3, msg=name)
