@@ -1,3 +1,27 @@
-"""Key-preserving SCP data synthesis (QA, complex QA, paraphrases, verification loop): see the synthesis issue."""
+"""Key-preserving SCP data synthesis: QA, complex QA and paraphrases per passage with a verification loop, over a
+local transformers model or an OpenAI-compatible endpoint. `clara synthesize` runs it from the command line."""
 
-__all__: list[str] = []
+from .backends import GenerationRequest, HFBackend, LLMBackend, OpenAIBackend, backend_from_spec
+from .parsing import ParseError, parse_json, parse_qa_pairs
+from .pipeline import PassageResult, SynthesisConfig, synthesize_passages
+from .prompts import PROMPT_VERSION
+from .runner import read_passages, run_synthesis, shard_of, split_into_windows
+
+__all__ = [
+    "GenerationRequest",
+    "HFBackend",
+    "LLMBackend",
+    "OpenAIBackend",
+    "PROMPT_VERSION",
+    "ParseError",
+    "PassageResult",
+    "SynthesisConfig",
+    "backend_from_spec",
+    "parse_json",
+    "parse_qa_pairs",
+    "read_passages",
+    "run_synthesis",
+    "shard_of",
+    "split_into_windows",
+    "synthesize_passages",
+]
