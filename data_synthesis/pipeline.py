@@ -215,10 +215,13 @@ def _keep_checked_pairs(
 
 def _parse_pairs(response: str, result: PassageResult) -> list[dict]:
     try:
-        return parse_qa_pairs(response)
+        pairs, dropped = parse_qa_pairs(response)
     except ParseError:
         result.rejections["refusal" if is_refusal(response) else "unparseable"] += 1
         return []
+    if dropped:
+        result.rejections["malformed_pair"] += dropped
+    return pairs
 
 
 def synthesize_passages(passages: list[dict], backend: LLMBackend, config: SynthesisConfig) -> list[PassageResult]:

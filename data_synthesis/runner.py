@@ -170,11 +170,11 @@ def run_synthesis(
     # Recover: only passages with a .done line are finished; drop any other rows.
     summaries = [json.loads(line) for line in _read_complete_lines(done_path)]
     finished = {summary["passage_id"] for summary in summaries}
-    rows = _read_complete_lines(output)
-    kept = [line for line in rows if json.loads(line)["passage_id"] in finished]
-    if len(kept) != len(rows) or (output.exists() and not output.read_bytes().endswith(b"\n") and output.stat().st_size):
-        logger.warning("Dropping %d row(s) of unfinished passages from %s.", len(rows) - len(kept), output)
-        output.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = [line for line in _read_complete_lines(output) if json.loads(line)["passage_id"] in finished]
+    kept_text = "".join(line + "\n" for line in kept)
+    if output.exists() and output.read_text(encoding="utf-8") != kept_text:
+        logger.warning("Dropping rows of unfinished passages from %s; they are redone.", output)
+        output.write_text(kept_text, encoding="utf-8")
     done_path.write_text("".join(json.dumps(s) + "\n" for s in summaries), encoding="utf-8")
 
     input_counts = Counter()

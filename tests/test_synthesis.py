@@ -1,0 +1,264 @@
+import json
+import re
+from collections import Counter
+
+import pytest
+from conftest import write_jsonl
+from datasets import load_dataset
+
+from data_synthesis import (
+    LLMBackend,
+    SynthesisConfig,
+    parse_json,
+    parse_qa_pairs,
+    read_passages,
+    run_synthesis,
+    split_into_windows,
+    synthesize_passages,
+)
+from data_synthesis.pipeline import validate_qa
+from trainers import load_rows
+
+FACT = re.compile(r"The (\w+) of (\w+) is (\w+)\.")
+
+
+def passage(entity: str, facts: dict[str, str]) -> str:
+    return " ".join(f"The {attribute} of {entity} is {value}." for attribute, value in facts.items())
+
+
+ZORLAND = passage("Zorland", {"capital": "Quvi", "flag": "blue", "river": "Osk"})
+PELTRIA = passage("Peltria", {"capital": "Telu", "anthem": "Dawn", "mountain": "Bram"})
+
+
+def qa_json(pairs) -> str:
+    return json.dumps([{"question": q, "answer": a} for q, a in pairs])
+
+
+class ScriptedBackend(LLMBackend):
+    """A deterministic fake LLM that reads the facts of a passage. `overrides[task]` replaces a task's response
+    (a function of the passage text and the request); `crash_after` raises after that many generate calls."""
+
+    def __init__(self, overrides=None, crash_after=None, simple_qa_facts=1):
+        self.overrides, self.crash_after, self.simple_qa_facts = overrides or {}, crash_after, simple_qa_facts
+        self.calls = Counter()
+        self.generate_calls = 0
+
+    def describe(self):
+        return {"backend": "scripted"}
+
+    def generate(self, requests):
+        self.generate_calls += 1
+        if self.crash_after is not None and self.generate_calls > self.crash_after:
+            raise KeyboardInterrupt("simulated crash")
+        return [self.respond(r) for r in requests]
+
+    def respond(self, request):
+        self.calls[request.task] += 1
+        user = request.messages[-1][1]
+        text = re.search(r"Passage:\n(.*?)\n\n", user, re.DOTALL).group(1)
+        facts = FACT.findall(text)
+        if request.task in self.overrides:
+            return self.overrides[request.task](text, user)
+        if request.task == "simple_qa":
+            return qa_json((f"What is the {a} of {e}?", v) for a, e, v in facts[: self.simple_qa_facts])
+        if request.task == "complex_qa":
+            return "[]"
+        if request.task == "paraphrase":
+            return json.dumps({"paraphrase": " ".join(f"{e}'s {a} is {v}." for a, e, v in reversed(facts))})
+        if request.task == "key_facts":
+            return json.dumps({"facts": [f"{e} {a} {v}" for a, e, v in facts]})
+        if request.task == "coverage":
+            listed = re.findall(r"^(\d+)\. \w+ (\w+) \w+$", user, re.MULTILINE)
+            asked = user.split("Questions and answers:")[1]
+            return json.dumps({"missing": [int(n) for n, attribute in listed if f" {attribute} of" not in asked]})
+        if request.task == "more_qa":
+            wanted = re.findall(r"^- \w+ (\w+) \w+$", user, re.MULTILINE)
+            return qa_json((f"What is the {a} of {e}?", v) for a, e, v in facts if a in wanted)
+        if request.task == "reanswer":
+            attribute = re.search(r"Question: What is the (\w+) of", user)
+            values = [v for a, _, v in facts if attribute and a == attribute.group(1)]
+            return json.dumps({"answer": values[0] if values else "NOT_IN_PASSAGE"})
+        raise AssertionError(request.task)
+
+
+def run(passages, backend=None, **config):
+    backend = backend or ScriptedBackend()
+    results = synthesize_passages(
+        [{"id": f"p{i}", "text": text} for i, text in enumerate(passages)], backend, SynthesisConfig(**config)
+    )
+    return results, backend
+
+
+# ---------------------------------------------------------------- the stages and the verification loop
+
+
+def test_each_stage_and_the_loop_until_covered():
+    (result,), backend = run([ZORLAND])
+    assert [pair["answer"] for pair in result.qa] == ["Quvi", "blue", "Osk"]  # 1 simple + 2 for missing facts
+    assert result.paraphrases == ["Zorland's river is Osk. Zorland's flag is blue. Zorland's capital is Quvi."]
+    assert result.facts == ["Zorland capital Quvi", "Zorland flag blue", "Zorland river Osk"]
+    assert result.coverage == 1.0 and result.rounds == 2
+    assert backend.calls["coverage"] == 2 and backend.calls["more_qa"] == 1
+    qa_row, paraphrase_row = result.rows()
+    assert qa_row == {
+        "data_type": "qa",
+        "question": ["What is the capital of Zorland?", "What is the flag of Zorland?", "What is the river of Zorland?"],
+        "answers": ["Quvi", "blue", "Osk"],
+        "docs": [ZORLAND],
+        "passage_id": "p0",
+        "coverage": 1.0,
+    }
+    assert paraphrase_row["data_type"] == "paraphrase" and paraphrase_row["answers"] == result.paraphrases
+
+
+def test_a_covered_passage_stops_after_one_verification():
+    (result,), backend = run([ZORLAND], ScriptedBackend(simple_qa_facts=3))
+    assert result.coverage == 1.0 and result.rounds == 1
+    assert backend.calls["more_qa"] == 0
+
+
+def test_the_loop_stops_after_max_rounds_and_records_partial_coverage():
+    useless = ScriptedBackend(overrides={"more_qa": lambda text, user: "[]"})
+    (result,), backend = run([ZORLAND], useless, max_rounds=3)
+    assert result.rounds == 3 and backend.calls["coverage"] == 3 and backend.calls["more_qa"] == 2
+    assert result.coverage == pytest.approx(1 / 3)
+    assert sum(result.rejections.values()) == 0  # empty lists are answers, not errors
+
+
+@pytest.mark.parametrize(
+    "pairs, reason",
+    [
+        ([("Is the capital of Zorland Quvi?", "Quvi")], "answer_in_question"),
+        ([("What is the capital of Zorland?", "Paris")], "answer_not_grounded"),
+        ([("What is the capital of Zorland?", "Quvi"), ("What is the capital of Zorland ?", "Quvi")], "duplicate_question"),
+        ([("What is the flag of Zorland?", "Quvi")], "reanswer_disagrees"),
+        ([("What is the anthem of Zorland?", "blue")], "not_answerable"),
+        ([("I'm sorry, I cannot help with that", "Quvi")], "refusal"),
+        ([("Какая столица у Зорланда?", "Куви")], "wrong_language"),
+    ],
+)
+def test_each_qa_rejection_reason_is_counted(pairs, reason):
+    backend = ScriptedBackend(overrides={"simple_qa": lambda text, user: qa_json(pairs)})
+    (result,), _ = run([ZORLAND], backend, max_rounds=1)
+    assert result.rejections[reason] == 1
+    assert all(pair["answer"] != "Paris" for pair in result.qa)
+
+
+@pytest.mark.parametrize(
+    "response, reason",
+    [
+        ("Sure! Here it is: the passage says things.", "unparseable"),
+        ("I'm sorry, but as an AI I cannot do that.", "refusal"),
+        (json.dumps({"paraphrase": "Short."}), "paraphrase_length"),
+        (json.dumps({"paraphrase": "Bananas grow in warm countries near seas and lakes everywhere."}), "paraphrase_not_grounded"),
+    ],
+)
+def test_each_paraphrase_rejection_reason_is_counted(response, reason):
+    backend = ScriptedBackend(overrides={"paraphrase": lambda text, user: response})
+    (result,), _ = run([ZORLAND], backend, max_rounds=1)
+    assert result.rejections[reason] == 1 and result.paraphrases == []
+
+
+def test_garbage_from_every_task_never_crashes():
+    garbage = lambda text, user: '{"question": [[[ truncated'  # noqa: E731
+    backend = ScriptedBackend(overrides={task: garbage for task in ("simple_qa", "complex_qa", "key_facts", "paraphrase")})
+    (result,), _ = run([ZORLAND], backend)
+    assert result.qa == [] and result.coverage is None and result.rows() == []
+    assert result.rejections["unparseable"] == 3 and result.rejections["key_facts_unparseable"] == 1
+
+
+def test_repairable_output_is_repaired():
+    repaired = "Here you go:\n```json\n[{\"question\": \"x\"}, {\"question\": \"What is the capital of Zorland?\", \"answer\": \"Quvi\",},\n  {\"question\": \"What is the fl"
+    backend = ScriptedBackend(overrides={"simple_qa": lambda text, user: repaired})
+    (result,), _ = run([ZORLAND], backend, max_rounds=1)
+    assert result.qa[0] == {"question": "What is the capital of Zorland?", "answer": "Quvi"}
+    assert result.rejections["malformed_pair"] == 1  # the item without an answer
+    assert parse_json("[1, 2,]") == [1, 2] and parse_json('{"ok": True, "n": None}') == {"ok": True, "n": None}
+    assert parse_qa_pairs('{"pairs": [{"q": "How many?", "a": 3}]}') == ([{"question": "How many?", "answer": "3"}], 0)
+
+
+def test_prompt_level_checks_are_independent_of_order():
+    config = SynthesisConfig()
+    assert validate_qa({"question": "What is the flag of Zorland?", "answer": "blue"}, ZORLAND, [], config) is None
+
+
+# ---------------------------------------------------------------- the runner: files, resume, shards
+
+
+def test_output_is_reference_scp_format_with_metadata_and_report(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": "z", "text": ZORLAND}, {"id": "p", "text": PELTRIA}])
+    output = tmp_path / "out.jsonl"
+    report = run_synthesis(source, output, ScriptedBackend(), show_progress=False)
+    assert report["passages"] == 2 and report["qa_rows"] == 2 and report["paraphrase_rows"] == 2
+    assert report["qa_per_passage"] == {"mean": 3.0, "min": 3, "max": 3}
+    assert report["coverage"]["complete"] == 2 and report["rounds_used"] == {2: 2}
+    assert json.loads((tmp_path / "out.jsonl.stats.json").read_text())["passages"] == 2
+    meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
+    assert meta["prompt_version"] == "1" and "simple_qa" in meta["prompts"] and meta["backend"] == {"backend": "scripted"}
+    assert len(load_dataset("json", data_files=str(output), split="train")) == 4
+    assert len(load_rows(output, "scp")) == 4  # the stage-1 trainer reads it directly
+
+
+def test_a_crashed_run_resumes_to_the_same_rows_without_duplicates(tmp_path):
+    passages = [{"id": f"n{i}", "text": passage(f"Land{i}", {"capital": f"City{i}", "flag": "red"})} for i in range(5)]
+    source = write_jsonl(tmp_path / "in.jsonl", passages)
+    config = SynthesisConfig(passages_per_batch=2)
+    run_synthesis(source, tmp_path / "full.jsonl", ScriptedBackend(), config, show_progress=False)
+    expected = sorted((tmp_path / "full.jsonl").read_text().splitlines())
+
+    output = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_synthesis(source, output, ScriptedBackend(crash_after=7), config, show_progress=False)
+    finished = len((tmp_path / "resumed.jsonl.done").read_text().splitlines())
+    assert 0 < finished < 5
+    # A crash mid-write as well: a finished passage's row without its .done line, and half a line.
+    with output.open("a") as handle:
+        handle.write(json.dumps({"data_type": "qa", "passage_id": "n4", "question": ["x"], "answers": ["y"], "docs": ["d"]}))
+        handle.write('\n{"data_type": "qa", "passage_id": "n3", "quest')
+    backend = ScriptedBackend()
+    report = run_synthesis(source, output, backend, config, show_progress=False)
+    assert sorted(output.read_text().splitlines()) == expected
+    assert report["passages"] == 5 and report["input"]["already_done"] == finished
+    assert backend.calls["simple_qa"] == 5 - finished  # only unfinished passages are redone
+
+
+def test_shards_split_the_corpus_without_overlap(tmp_path):
+    passages = [{"id": f"s{i}", "text": passage(f"Land{i}", {"capital": f"City{i}"})} for i in range(12)]
+    source = write_jsonl(tmp_path / "in.jsonl", passages)
+    run_synthesis(source, tmp_path / "all.jsonl", ScriptedBackend(), show_progress=False)
+    parts = []
+    for index in range(3):
+        report = run_synthesis(source, tmp_path / f"part{index}.jsonl", ScriptedBackend(), shard=(index, 3), show_progress=False)
+        assert report["input"].get("other_shard", 0) == 12 - report["passages"]
+        parts.append(set((tmp_path / f"part{index}.jsonl").read_text().splitlines()))
+    assert all(parts) and not (parts[0] & parts[1] or parts[1] & parts[2] or parts[0] & parts[2])
+    assert set().union(*parts) == set((tmp_path / "all.jsonl").read_text().splitlines())
+    with pytest.raises(ValueError, match="Shard 3/3"):
+        run_synthesis(source, tmp_path / "x.jsonl", ScriptedBackend(), shard=(3, 3), show_progress=False)
+
+
+def test_a_different_prompt_version_refuses_to_mix_into_an_output(tmp_path, monkeypatch):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": ZORLAND}])
+    run_synthesis(source, tmp_path / "out.jsonl", ScriptedBackend(), show_progress=False)
+    monkeypatch.setitem(__import__("data_synthesis.prompts").prompts.PROMPTS, "simple_qa", "changed {passage}")
+    with pytest.raises(ValueError, match="Use a new output file"):
+        run_synthesis(source, tmp_path / "out.jsonl", ScriptedBackend(), show_progress=False)
+
+
+def test_inputs_of_every_kind_with_bad_lines_counted(tmp_path):
+    jsonl = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"docs": [ZORLAND]}, "{broken", {"text": "   "}, {"title": "no text"}, {"contents": PELTRIA, "id": 7}],
+    )
+    counts = Counter()
+    passages = list(read_passages(jsonl, counts=counts))
+    assert [p["text"] for p in passages] == [ZORLAND, PELTRIA]
+    assert passages[1]["id"] == "7" and passages[0]["id"].startswith("p-")
+    assert counts == {"malformed_input_line": 2, "empty_passage": 1}
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(f"{ZORLAND}\n\n\n\n{PELTRIA}\n")
+    assert [p["id"] for p in read_passages(text_file)] == ["corpus.txt:0", "corpus.txt:2"]
+    long = {"id": "long", "text": " ".join(f"w{i}" for i in range(400))}
+    windows = split_into_windows(long, window_words=180, overlap=30)
+    assert [w["id"] for w in windows] == ["long#w0", "long#w1", "long#w2"]
+    assert windows[1]["text"].split()[0] == "w150" and windows[-1]["text"].split()[-1] == "w399"
