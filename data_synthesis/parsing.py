@@ -3,7 +3,7 @@
 import json
 import re
 
-__all__ = ["ParseError", "parse_json", "parse_qa_pairs", "is_refusal"]
+__all__ = ["ParseError", "parse_json", "parse_qa_pairs", "parse_text_field", "is_refusal", "is_repetitive"]
 
 
 class ParseError(ValueError):
@@ -15,8 +15,21 @@ _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 _REFUSAL = re.compile(r"\b(I can(?:no|')t|I am unable|I'm unable|as an AI|I'm sorry|I apologi[sz]e)\b", re.IGNORECASE)
 
 
+_LABELLED_PAIR = re.compile(
+    r"^\s*(?:\d+[.)]\s*)?(?:Question|Q)\s*[:.]\s*(.+?)\s*$\s*^\s*(?:Answer|A)\s*[:.]\s*(.+?)\s*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
 def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
+
+
+def is_repetitive(text: str, min_distinct: float = 0.5) -> bool:
+    """Degenerate looping output (common with small models): few distinct word trigrams."""
+    words = text.lower().split()
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(trigrams) >= 8 and len(set(trigrams)) / len(trigrams) < min_distinct
 
 
 def _close_truncated(text: str) -> str:
@@ -67,10 +80,16 @@ def parse_json(text: str):
 
 
 def parse_qa_pairs(text: str) -> tuple[list[dict[str, str]], int]:
-    """`([{"question", "answer"}], dropped)` from a response; also accepts `{"questions": [...]}`-style wrappers.
-    Items that are not pairs of non-empty strings are dropped and counted. Raises `ParseError` when the response
-    holds no list of pairs at all."""
-    value = parse_json(text)
+    """`([{"question", "answer"}], dropped)` from a response: a JSON list (or a `{"questions": [...]}`-style wrapper),
+    or else "Question: ...\nAnswer: ..." lines. Items that are not pairs of non-empty strings are dropped and
+    counted. Raises `ParseError` when the response holds neither."""
+    try:
+        value = parse_json(text)
+    except ParseError:
+        pairs = [{"question": q, "answer": a} for q, a in _LABELLED_PAIR.findall(text or "")]
+        if not pairs:
+            raise
+        return pairs, 0
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
         value = lists[0] if lists else [value]
@@ -86,3 +105,21 @@ def parse_qa_pairs(text: str) -> tuple[list[dict[str, str]], int]:
         if isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip():
             pairs.append({"question": question.strip(), "answer": answer.strip()})
     return pairs, len(value) - len(pairs)
+
+
+def parse_text_field(text: str, field: str) -> str:
+    """`value[field]` of a JSON object response, or else the whole response as plain text (a label such as
+    "Paraphrase:" removed). Raises `ParseError` on an empty response."""
+    try:
+        value = parse_json(text)
+    except ParseError:
+        value = None
+    if isinstance(value, dict) and isinstance(value.get(field), (str, int, float)) and not isinstance(value.get(field), bool):
+        result = str(value[field]).strip()
+    elif value is None:
+        result = re.sub(rf"^\s*{re.escape(field)}\s*:\s*", "", text or "", flags=re.IGNORECASE).strip()
+    else:
+        raise ParseError(f"JSON without a '{field}'")
+    if not result:
+        raise ParseError(f"empty {field}")
+    return result

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .backends import GenerationRequest, LLMBackend
-from .parsing import ParseError, is_refusal, parse_json, parse_qa_pairs
+from .parsing import ParseError, is_refusal, is_repetitive, parse_json, parse_qa_pairs, parse_text_field
 from .prompts import render
 
 __all__ = ["SynthesisConfig", "PassageResult", "synthesize_passages", "validate_qa", "normalize"]
@@ -143,6 +143,8 @@ def validate_qa(pair: dict[str, str], passage: str, kept_questions: list[str], c
     question, answer = pair["question"], pair["answer"]
     if is_refusal(question) or is_refusal(answer):
         return "refusal"
+    if is_repetitive(question) or is_repetitive(answer):
+        return "repetitive"
     if _wrong_language(question + " " + answer, passage):
         return "wrong_language"
     normalized_answer = normalize(answer)
@@ -158,6 +160,8 @@ def validate_qa(pair: dict[str, str], passage: str, kept_questions: list[str], c
 def _validate_paraphrase(text: str, passage: str, kept: list[str]) -> str | None:
     if is_refusal(text):
         return "refusal"
+    if is_repetitive(text):
+        return "repetitive"
     if _wrong_language(text, passage):
         return "wrong_language"
     ratio = len(text.split()) / max(len(passage.split()), 1)
@@ -194,11 +198,7 @@ def _keep_checked_pairs(
     answers = backend.generate([_request("reanswer", passage=r.text, question=p["question"]) for r, p in pending])
     for (result, pair), response in zip(pending, answers):
         try:
-            value = parse_json(response)
-            reanswer = value.get("answer") if isinstance(value, dict) else None
-            if not isinstance(reanswer, (str, int, float)) or isinstance(reanswer, bool):
-                raise ParseError("no answer")
-            reanswer = str(reanswer)
+            reanswer = parse_text_field(response, "answer")
         except ParseError:
             result.rejections["unparseable"] += 1
             continue
@@ -251,10 +251,7 @@ def synthesize_passages(passages: list[dict], backend: LLMBackend, config: Synth
     for i, result in enumerate(results):
         for response in paraphrase_responses[i * config.num_paraphrases : (i + 1) * config.num_paraphrases]:
             try:
-                value = parse_json(response)
-                text = value.get("paraphrase") if isinstance(value, dict) else None
-                if not isinstance(text, str) or not text.strip():
-                    raise ParseError("no paraphrase")
+                text = parse_text_field(response, "paraphrase")
             except ParseError:
                 result.rejections["refusal" if is_refusal(response) else "unparseable"] += 1
                 continue

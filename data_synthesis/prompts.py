@@ -6,7 +6,7 @@ import json
 
 __all__ = ["PROMPT_VERSION", "PROMPTS", "render", "prompts_fingerprint"]
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"
 
 SYSTEM = "You are a careful annotator. Use only the passage. Reply with JSON only, in the language of the passage."
 
@@ -15,7 +15,8 @@ PROMPTS = {
         "Passage:\n{passage}\n\n"
         "Write short questions, each about one atomic fact of the passage, with short answers copied from the "
         "passage. Do not put the answer in the question. Cover every fact.\n"
-        'Reply as JSON: [{{"question": "...", "answer": "..."}}, ...]'
+        'Reply as JSON, for example: [{{"question": "Who founded the company?", "answer": "Jane Doe"}}, '
+        '{{"question": "In which year was it founded?", "answer": "1901"}}]'
     ),
     "complex_qa": (
         "Passage:\n{passage}\n\n"

@@ -7,6 +7,7 @@ from conftest import write_jsonl
 from datasets import load_dataset
 
 from data_synthesis import (
+    PROMPT_VERSION,
     LLMBackend,
     SynthesisConfig,
     parse_json,
@@ -147,7 +148,8 @@ def test_each_qa_rejection_reason_is_counted(pairs, reason):
 @pytest.mark.parametrize(
     "response, reason",
     [
-        ("Sure! Here it is: the passage says things.", "unparseable"),
+        (json.dumps({"text": "no paraphrase field"}), "unparseable"),
+        ("Zorland's river is Osk, and " * 6, "repetitive"),
         ("I'm sorry, but as an AI I cannot do that.", "refusal"),
         (json.dumps({"paraphrase": "Short."}), "paraphrase_length"),
         (json.dumps({"paraphrase": "Bananas grow in warm countries near seas and lakes everywhere."}), "paraphrase_not_grounded"),
@@ -159,12 +161,25 @@ def test_each_paraphrase_rejection_reason_is_counted(response, reason):
     assert result.rejections[reason] == 1 and result.paraphrases == []
 
 
+def test_a_plain_text_paraphrase_is_accepted():
+    plain = "Paraphrase: Quvi is Zorland's capital; its flag is blue and its river is Osk."
+    (result,), _ = run([ZORLAND], ScriptedBackend(overrides={"paraphrase": lambda text, user: plain}), max_rounds=1)
+    assert result.paraphrases == ["Quvi is Zorland's capital; its flag is blue and its river is Osk."]
+
+
+def test_labelled_lines_are_read_as_pairs():
+    lines = "Sure.\nQuestion: What is the capital of Zorland?\nAnswer: Quvi\n2. Q: What is the flag of Zorland?\nA: blue"
+    (result,), _ = run([ZORLAND], ScriptedBackend(overrides={"simple_qa": lambda text, user: lines}), max_rounds=1)
+    assert [pair["answer"] for pair in result.qa] == ["Quvi", "blue"]
+
+
 def test_garbage_from_every_task_never_crashes():
     garbage = lambda text, user: '{"question": [[[ truncated'  # noqa: E731
     backend = ScriptedBackend(overrides={task: garbage for task in ("simple_qa", "complex_qa", "key_facts", "paraphrase")})
     (result,), _ = run([ZORLAND], backend)
     assert result.qa == [] and result.coverage is None and result.rows() == []
-    assert result.rejections["unparseable"] == 3 and result.rejections["key_facts_unparseable"] == 1
+    assert result.rejections["unparseable"] == 2 and result.rejections["key_facts_unparseable"] == 1
+    assert result.rejections["paraphrase_length"] == 1  # read as plain text, then refused
 
 
 def test_repairable_output_is_repaired():
@@ -194,7 +209,7 @@ def test_output_is_reference_scp_format_with_metadata_and_report(tmp_path):
     assert report["coverage"]["complete"] == 2 and report["rounds_used"] == {2: 2}
     assert json.loads((tmp_path / "out.jsonl.stats.json").read_text())["passages"] == 2
     meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
-    assert meta["prompt_version"] == "1" and "simple_qa" in meta["prompts"] and meta["backend"] == {"backend": "scripted"}
+    assert meta["prompt_version"] == PROMPT_VERSION and "simple_qa" in meta["prompts"] and meta["backend"] == {"backend": "scripted"}
     assert len(load_dataset("json", data_files=str(output), split="train")) == 4
     assert len(load_rows(output, "scp")) == 4  # the stage-1 trainer reads it directly
 
