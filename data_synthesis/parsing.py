@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections import Counter
 
 __all__ = ["ParseError", "parse_json", "parse_qa_pairs", "parse_text_field", "is_refusal", "is_repetitive"]
 
@@ -25,11 +26,13 @@ def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
 
 
-def is_repetitive(text: str, min_distinct: float = 0.5) -> bool:
-    """Degenerate looping output (common with small models): few distinct word trigrams."""
+def is_repetitive(text: str) -> bool:
+    """Degenerate looping output (common with small models): a word trigram four times or more, or fewer than
+    half of the trigrams distinct."""
     words = text.lower().split()
-    trigrams = list(zip(words, words[1:], words[2:]))
-    return len(trigrams) >= 8 and len(set(trigrams)) / len(trigrams) < min_distinct
+    trigrams = Counter(zip(words, words[1:], words[2:]))
+    total = sum(trigrams.values())
+    return total >= 8 and (trigrams.most_common(1)[0][1] >= 4 or len(trigrams) / total < 0.5)
 
 
 def _close_truncated(text: str) -> str:

@@ -17,6 +17,7 @@ from data_synthesis import (
     split_into_windows,
     synthesize_passages,
 )
+from data_synthesis.parsing import is_repetitive
 from data_synthesis.pipeline import validate_qa
 from trainers import load_rows
 
@@ -180,6 +181,12 @@ def test_garbage_from_every_task_never_crashes():
     assert result.qa == [] and result.coverage is None and result.rows() == []
     assert result.rejections["unparseable"] == 2 and result.rejections["key_facts_unparseable"] == 1
     assert result.rejections["paraphrase_length"] == 1  # read as plain text, then refused
+
+
+def test_looping_output_is_recognised():
+    passage_start = "Zorland lies in the north, its capital is Quvi, its flag is blue and its main river is the Osk. "
+    assert is_repetitive(passage_start + "I could not ask for anything. " * 5)
+    assert not is_repetitive(passage_start + "Quvi has a port on the Osk, and the flag of Zorland is blue.")
 
 
 def test_repairable_output_is_repaired():
