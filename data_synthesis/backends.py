@@ -58,7 +58,8 @@ class HFBackend(LLMBackend):
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(model)
-                model = AutoModelForCausalLM.from_pretrained(model).eval()
+                # Placed on the available GPUs, else the CPU; the model's own dtype.
+                model = AutoModelForCausalLM.from_pretrained(model, device_map="auto", dtype="auto").eval()
         else:
             self.name = model.name_or_path
         if tokenizer is None or not tokenizer.chat_template:

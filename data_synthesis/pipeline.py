@@ -229,7 +229,9 @@ def synthesize_passages(passages: list[dict], backend: LLMBackend, config: Synth
     results = [PassageResult(p["id"], p["text"]) for p in passages]
     tasks = ["simple_qa", "key_facts"] + (["complex_qa"] if config.complex_qa else [])
     requests = [_request(task, passage=r.text) for r in results for task in tasks]
-    requests += [_request("paraphrase", passage=r.text) for r in results for _ in range(config.num_paraphrases)]
+    requests += [
+        _request("paraphrase", passage=r.text, variant=n + 1) for r in results for n in range(config.num_paraphrases)
+    ]
     responses = backend.generate(requests)
     per_passage = len(tasks)
     candidates = []

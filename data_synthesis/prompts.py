@@ -27,7 +27,8 @@ PROMPTS = {
     "paraphrase": (
         "Passage:\n{passage}\n\n"
         "Rewrite the passage in other words and another order, shorter if possible, keeping every fact and adding "
-        'none.\nReply as JSON: {{"paraphrase": "..."}}'
+        "none. This is rewrite number {variant}: start it differently from the passage and from other rewrites.\n"
+        'Reply as JSON: {{"paraphrase": "..."}}'
     ),
     "key_facts": (
         "Passage:\n{passage}\n\n"

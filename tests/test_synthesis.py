@@ -162,6 +162,15 @@ def test_each_paraphrase_rejection_reason_is_counted(response, reason):
     assert result.rejections[reason] == 1 and result.paraphrases == []
 
 
+def test_repeated_paraphrases_are_dropped_and_variants_are_asked_for():
+    prompts = []
+    same = json.dumps({"paraphrase": "Zorland's river is Osk, its flag is blue and its capital is Quvi."})
+    backend = ScriptedBackend(overrides={"paraphrase": lambda text, user: prompts.append(user) or same})
+    (result,), _ = run([ZORLAND], backend, num_paraphrases=3, max_rounds=1)
+    assert len(result.paraphrases) == 1 and result.rejections["duplicate_paraphrase"] == 2
+    assert [re.search(r"rewrite number (\d)", p).group(1) for p in prompts] == ["1", "2", "3"]
+
+
 def test_a_plain_text_paraphrase_is_accepted():
     plain = "Paraphrase: Quvi is Zorland's capital; its flag is blue and its river is Osk."
     (result,), _ = run([ZORLAND], ScriptedBackend(overrides={"paraphrase": lambda text, user: plain}), max_rounds=1)
