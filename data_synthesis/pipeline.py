@@ -227,6 +227,14 @@ def _parse_pairs(response: str, result: PassageResult) -> list[dict]:
 def synthesize_passages(passages: list[dict], backend: LLMBackend, config: SynthesisConfig) -> list[PassageResult]:
     """Runs the whole pipeline on a batch of `{"id", "text"}` passages; one backend call per step for the batch."""
     results = [PassageResult(p["id"], p["text"]) for p in passages]
+    candidates = _first_drafts(results, backend, config)
+    _keep_checked_pairs(results, candidates, backend, config)
+    _verification_loop(results, backend, config)
+    return results
+
+
+def _first_drafts(results: list[PassageResult], backend: LLMBackend, config: SynthesisConfig) -> list[list[dict]]:
+    """Simple and complex QA candidates (returned), key facts and checked paraphrases (stored on the results)."""
     tasks = ["simple_qa", "key_facts"] + (["complex_qa"] if config.complex_qa else [])
     requests = [_request(task, passage=r.text) for r in results for task in tasks]
     requests += [
@@ -243,10 +251,10 @@ def synthesize_passages(passages: list[dict], backend: LLMBackend, config: Synth
         candidates.append(pairs)
         try:
             facts = parse_json(answers["key_facts"])
-            facts = facts.get("facts", []) if isinstance(facts, dict) else facts
-            result.facts = [f.strip() for f in facts if isinstance(f, str) and f.strip()]
         except ParseError:
-            result.facts = []
+            facts = []
+        facts = facts.get("facts", []) if isinstance(facts, dict) else facts
+        result.facts = [f.strip() for f in facts if isinstance(f, str) and f.strip()] if isinstance(facts, list) else []
         if not result.facts:
             result.rejections["key_facts_unparseable"] += 1
     paraphrase_responses = responses[len(results) * per_passage :]
@@ -262,8 +270,11 @@ def synthesize_passages(passages: list[dict], backend: LLMBackend, config: Synth
                 result.rejections[reason] += 1
             else:
                 result.paraphrases.append(text.strip())
-    _keep_checked_pairs(results, candidates, backend, config)
+    return candidates
 
+
+def _verification_loop(results: list[PassageResult], backend: LLMBackend, config: SynthesisConfig) -> None:
+    """Up to `max_rounds` rounds: the verifier names the uncovered key facts, QA is asked for them and checked."""
     open_results = [r for r in results if r.facts]
     for round_number in range(1, config.max_rounds + 1):
         if not open_results:
@@ -290,7 +301,6 @@ def synthesize_passages(passages: list[dict], backend: LLMBackend, config: Synth
         )
         _keep_checked_pairs(still_open, [_parse_pairs(text, r) for r, text in zip(still_open, more)], backend, config)
         open_results = still_open
-    return results
 
 
 def _coverage_request(result: PassageResult) -> GenerationRequest:
