@@ -166,3 +166,16 @@ def test_smollm2_synthesizes_from_two_real_passages(tmp_path):
     assert produced + sum(report["rejections"].values()) > 0
     if output.read_text().strip():
         assert all(row["docs"][0] in {r["docs"][0] for r in rows} for row in load_rows(output, "scp"))
+
+
+def test_local_backend_loads_a_path_and_generates_in_batches(tiny_base_dir, tokenizer):
+    from data_synthesis import HFBackend
+
+    backend = backend_from_spec(f"hf:{tiny_base_dir}", batch_size=2, max_new_tokens=4)
+    assert isinstance(backend, HFBackend) and backend.describe()["model"] == tiny_base_dir
+    outputs = backend.generate([request(f"passage {i}") for i in range(3)])
+    assert len(outputs) == 3 and all(isinstance(text, str) for text in outputs)
+    without_template = type(tokenizer).from_pretrained(tiny_base_dir)
+    without_template.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        HFBackend(backend.model, tokenizer=without_template)
