@@ -229,9 +229,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             model.memory_embeddings.weight.copy_(mean + noise)
         model.to(device=base.device, dtype=base.dtype)
         model.tokenizer = tokenizer
-        model.generation_config = GenerationConfig(
-            max_new_tokens=64,
-            do_sample=False,
+        model.generation_config.update(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             # New tokens that fall inside the LM head (a base with a padded vocabulary) must never be generated.
