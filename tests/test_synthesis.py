@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 from conftest import write_jsonl
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 
 from data_synthesis import (
     PROMPT_VERSION,
@@ -289,6 +289,10 @@ def test_inputs_of_every_kind_with_bad_lines_counted(tmp_path):
     text_file = tmp_path / "corpus.txt"
     text_file.write_text(f"{ZORLAND}\n\n\n\n{PELTRIA}\n")
     assert [p["id"] for p in read_passages(text_file)] == ["corpus.txt:0", "corpus.txt:2"]
+    saved = tmp_path / "saved_dataset"
+    Dataset.from_list([{"id": "a", "passage": ZORLAND}, {"id": "b", "passage": PELTRIA}]).save_to_disk(str(saved))
+    assert [p["id"] for p in read_passages(saved)] == ["a", "b"]
+    assert [p["id"] for p in read_passages(Dataset.from_list([{"text": ZORLAND, "id": "c"}]))] == ["c"]
     long = {"id": "long", "text": " ".join(f"w{i}" for i in range(400))}
     windows = split_into_windows(long, window_words=180, overlap=30)
     assert [w["id"] for w in windows] == ["long#w0", "long#w1", "long#w2"]
