@@ -241,3 +241,21 @@ def test_precomputed_document_embeddings_train_the_same_weights(tokenizer, tmp_p
         results.append(snapshot(model))
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rows_with_fewer_documents_are_padded_and_masked(tokenizer):
+    from trainers.collators import InstructCollator
+
+    model = new_model(tokenizer)
+    rows = [
+        {"question": "Capital of Zorland?", "documents": ["Zorland: Quvi.", "Peltria: Osk."], "answer": "Quvi"},
+        {"question": "Capital of Peltria?", "documents": [" ".join(["Peltria: Osk."] * 9)], "answer": "Osk"},
+    ]
+    batch = InstructCollator(model, max_length=512)(rows)
+    assert batch["document_mask"].tolist() == [[True, True], [True, False]]
+    assert torch.equal(batch["document_input_ids"][1, 1], batch["document_input_ids"][1, 0])
+    assert float(batch["truncated_documents"]) == pytest.approx(1 / 3)  # of the three real documents
+    placeholders = torch.isin(batch["input_ids"], torch.tensor(model.config.memory_token_ids)).sum(-1)
+    assert placeholders.tolist() == [8, 4]  # the generator reads only the real documents
+    output = model(**{k: v for k, v in batch.items() if not k.startswith("truncated")})
+    assert torch.isfinite(output.loss)

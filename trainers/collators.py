@@ -42,21 +42,23 @@ def _paraphrase_instruction(document: str) -> str:
 
 def _document_tensors(model, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
     """`[B, N, L]` document tokens, `document_mask [B, N]` (rows with fewer documents are padded with copies of
-    their first document, masked out) and the fraction of truncated documents."""
-    num_documents = max(len(documents) for documents in documents_per_row)
-    padded = [documents + [documents[0]] * (num_documents - len(documents)) for documents in documents_per_row]
+    their first document, masked out) and the fraction of the real documents that were truncated."""
     flat = model.tokenize_for_compression(
-        [document for documents in padded for document in documents], warn_truncation=False
+        [document for documents in documents_per_row for document in documents], warn_truncation=False
     )
-    batch = len(documents_per_row)
+    num_documents = max(len(documents) for documents in documents_per_row)
+    rows, start = [], 0
+    for documents in documents_per_row:
+        rows.append([start + i for i in range(len(documents))] + [start] * (num_documents - len(documents)))
+        start += len(documents)
+    index = torch.tensor(rows)
     document_mask = torch.tensor(
         [[i < len(documents) for i in range(num_documents)] for documents in documents_per_row], dtype=torch.bool
     )
     return {
-        "document_input_ids": flat["input_ids"].view(batch, num_documents, -1),
-        "document_attention_mask": flat["attention_mask"].view(batch, num_documents, -1),
+        "document_input_ids": flat["input_ids"][index],
+        "document_attention_mask": flat["attention_mask"][index],
         "document_mask": document_mask,
-        # Padding copies are not counted: an upper bound would mislead.
         "truncated_documents": torch.tensor(flat["num_truncated"] / len(flat["input_ids"])),
     }
 
