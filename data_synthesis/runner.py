@@ -95,7 +95,8 @@ def _passage_from_row(row, text_field, id_field, counts, where):
         counts["empty_passage"] += 1
         return
     text = " ".join(text.split())
-    yield {"id": str(row.get(id_field) or _passage_id(text)), "text": text}
+    passage_id = row.get(id_field)
+    yield {"id": str(passage_id) if passage_id not in (None, "") else _passage_id(text), "text": text}
 
 
 def split_into_windows(passage: dict, window_words: int, overlap: int) -> list[dict]:
@@ -113,16 +114,13 @@ def shard_of(passage_id: str, num_shards: int) -> int:
     return int(hashlib.sha1(passage_id.encode("utf-8")).hexdigest(), 16) % num_shards
 
 
-def _read_complete_lines(path: Path) -> list[str]:
-    """Complete lines of a file, dropping a half-written last line (left by a crash mid-write)."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    complete = [line.decode("utf-8") for line in lines[:-1] if line.strip()]
+def _read_complete_lines(path: Path) -> tuple[list[str], str]:
+    """`(complete lines, whole text)` of a file; a half-written last line (left by a crash mid-write) is dropped."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    lines = text.split("\n")
     if lines[-1].strip():
         logger.warning("Dropping a half-written last line of %s.", path)
-    return complete
+    return [line for line in lines[:-1] if line.strip()], text
 
 
 def _append(handle, lines: list[str]) -> None:
@@ -168,11 +166,11 @@ def run_synthesis(
     meta_path.write_text(json.dumps(meta, indent=2))
 
     # Recover: only passages with a .done line are finished; drop any other rows.
-    summaries = [json.loads(line) for line in _read_complete_lines(done_path)]
+    summaries = [json.loads(line) for line in _read_complete_lines(done_path)[0]]
     finished = {summary["passage_id"] for summary in summaries}
-    kept = [line for line in _read_complete_lines(output) if json.loads(line)["passage_id"] in finished]
-    kept_text = "".join(line + "\n" for line in kept)
-    if output.exists() and output.read_text(encoding="utf-8") != kept_text:
+    rows, rows_text = _read_complete_lines(output)
+    kept_text = "".join(line + "\n" for line in rows if json.loads(line)["passage_id"] in finished)
+    if rows_text != kept_text:
         logger.warning("Dropping rows of unfinished passages from %s; they are redone.", output)
         output.write_text(kept_text, encoding="utf-8")
     done_path.write_text("".join(json.dumps(s) + "\n" for s in summaries), encoding="utf-8")

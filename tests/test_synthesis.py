@@ -279,12 +279,12 @@ def test_a_different_prompt_version_refuses_to_mix_into_an_output(tmp_path, monk
 def test_inputs_of_every_kind_with_bad_lines_counted(tmp_path):
     jsonl = write_jsonl(
         tmp_path / "in.jsonl",
-        [{"docs": [ZORLAND]}, "{broken", {"text": "   "}, {"title": "no text"}, {"contents": PELTRIA, "id": 7}],
+        [{"docs": [ZORLAND]}, "{broken", {"text": "   "}, {"title": "no text"}, {"contents": PELTRIA, "id": 0}],
     )
     counts = Counter()
     passages = list(read_passages(jsonl, counts=counts))
     assert [p["text"] for p in passages] == [ZORLAND, PELTRIA]
-    assert passages[1]["id"] == "7" and passages[0]["id"].startswith("p-")
+    assert passages[1]["id"] == "0" and passages[0]["id"].startswith("p-")
     assert counts == {"malformed_input_line": 2, "empty_passage": 1}
     text_file = tmp_path / "corpus.txt"
     text_file.write_text(f"{ZORLAND}\n\n\n\n{PELTRIA}\n")
