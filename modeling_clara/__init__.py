@@ -1,24 +1,34 @@
-"""CLaRa model package: `ClaraConfig` and `ClaraForRAG`, registered with the Auto classes.
+"""CLaRa model package: `ClaraConfig`, `ClaraProcessor` and `ClaraForRAG`, registered with the Auto classes.
 
-Importing the package registers `model_type="clara"` with `AutoConfig`/`AutoModel`, and marks both classes
-for `auto_map`, so a saved model also loads with `trust_remote_code=True` where this package is absent.
+Importing the package registers `model_type="clara"` with `AutoConfig`/`AutoModel`/`AutoProcessor`, and marks the
+classes for `auto_map`, so a saved model also loads with `trust_remote_code=True` where this package is absent.
+`base_models` (not part of the remote code) loads the base LLMs a new CLaRa is built on.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .configuration_clara import ClaraConfig
+from .base_models import EMBEDDED_BASE_MODEL, load_base_model
+from .configuration_clara import TRAINING_STAGES, ClaraConfig, TrainingStage
 from .modeling_clara import ClaraForRAG, ClaraOutput, ClaraPreTrainedModel, cosine_scores, differentiable_topk
+from .processing_clara import ClaraProcessor
 
 AutoConfig.register("clara", ClaraConfig, exist_ok=True)
 AutoModel.register(ClaraConfig, ClaraForRAG, exist_ok=True)
+AutoProcessor.register(ClaraConfig, ClaraProcessor, exist_ok=True)
 ClaraConfig.register_for_auto_class()
 ClaraForRAG.register_for_auto_class("AutoModel")
+ClaraProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "EMBEDDED_BASE_MODEL",
+    "TRAINING_STAGES",
     "ClaraConfig",
     "ClaraForRAG",
     "ClaraOutput",
     "ClaraPreTrainedModel",
+    "ClaraProcessor",
+    "TrainingStage",
     "cosine_scores",
     "differentiable_topk",
+    "load_base_model",
 ]

@@ -4,16 +4,14 @@ This file is copied to the Hub next to `modeling_clara.py` (remote code): it may
 transformers and the standard library.
 """
 
+from typing import Literal, get_args
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Your task is to extract relevant information from provided documents "
-    "and to answer to questions as briefly as possible."
-)
-TRAINING_STAGES = (None, "scp", "instruct", "joint")
-DEFAULT_USER_PROMPT_TEMPLATE = "Background:\n{documents}\n\nQuestion:{question}"
+TrainingStage = Literal["scp", "instruct", "joint"]
+TRAINING_STAGES: tuple[str, ...] = get_args(TrainingStage)
 
 # Keys that `from_pretrained`, `to_dict` and the base `__post_init__` hand to a config although
 # they are not fields of it. Anything else unknown is a typo or a wrong name, and raises.
@@ -57,14 +55,25 @@ class ClaraConfig(PreTrainedConfig):
         generation_top_k (`int`, *optional*, defaults to 5):
             Documents handed to the generator when `k` is not given.
         mse_weight (`float`, *optional*, defaults to 0.1):
-            Weight of the MSE between mean memory states and mean document states in the loss.
-        system_prompt (`str`), user_prompt_template (`str`):
-            The generator's chat prompt. The template must contain `{documents}` and `{question}`.
+            Weight of the MSE between mean memory states and mean document states in the loss (stages 1 and 2).
         training_stage (`str`, *optional*):
             The last training stage this checkpoint went through: `"scp"`, `"instruct"` or `"joint"` (None: untrained).
         memory_token_ids (`list[int]`), encoder_token_id (`int`), separator_token_id (`int`):
             Ids of `<MEM0>..<MEM{n-1}>`, `<ENC>` and `<SEP>` in the model's tokenizer, set by
             `ClaraForRAG.from_base_model`. They are contiguous and follow the base vocabulary.
+
+    The text side (tokenizer, prompts) is the [`ClaraProcessor`]'s; generation settings live in the model's
+    `generation_config`.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoConfig
+    >>> from modeling_clara import ClaraConfig
+    >>> config = ClaraConfig(text_config=AutoConfig.from_pretrained("path/to/base"), compression_rate=16)
+    >>> config.num_memory_tokens  # doc_max_length // compression_rate
+    16
+    ```
     """
 
     model_type = "clara"
@@ -83,9 +92,7 @@ class ClaraConfig(PreTrainedConfig):
     retrieval_temperature: float = 0.02
     generation_top_k: int = 5
     mse_weight: float = 0.1
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    user_prompt_template: str = DEFAULT_USER_PROMPT_TEMPLATE
-    training_stage: str | None = None
+    training_stage: TrainingStage | None = None
     memory_token_ids: list[int] | None = None
     encoder_token_id: int | None = None
     separator_token_id: int | None = None
@@ -120,11 +127,8 @@ class ClaraConfig(PreTrainedConfig):
             raise ValueError(f"generation_top_k must be >= 1, got {self.generation_top_k}.")
         if self.mse_weight < 0:
             raise ValueError(f"mse_weight must be >= 0, got {self.mse_weight}.")
-        for placeholder in ("{documents}", "{question}"):
-            if placeholder not in self.user_prompt_template:
-                raise ValueError(f"user_prompt_template must contain {placeholder}.")
-        if self.training_stage not in TRAINING_STAGES:
-            raise ValueError(f"training_stage must be one of {TRAINING_STAGES}, got {self.training_stage!r}.")
+        if self.training_stage is not None and self.training_stage not in TRAINING_STAGES:
+            raise ValueError(f"training_stage must be None or one of {TRAINING_STAGES}, got {self.training_stage!r}.")
         if self.memory_token_ids is not None and len(self.memory_token_ids) != self.num_memory_tokens:
             raise ValueError(
                 f"memory_token_ids has {len(self.memory_token_ids)} ids but doc_max_length // compression_rate "
@@ -137,4 +141,4 @@ class ClaraConfig(PreTrainedConfig):
         return self.doc_max_length // self.compression_rate
 
 
-__all__ = ["ClaraConfig", "TRAINING_STAGES"]
+__all__ = ["ClaraConfig", "TRAINING_STAGES", "TrainingStage"]

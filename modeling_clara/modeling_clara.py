@@ -6,8 +6,11 @@ the document's representation. The same vectors serve retrieval (cosine similari
 encoded the same way by the query-reasoner adapter) and generation (they replace the placeholder
 embeddings of the memory tokens in the generator's prompt).
 
-This file is copied to the Hub next to `configuration_clara.py` (remote code): it imports only
-torch, transformers, peft and the configuration file.
+Text processing (tokenizer, prompts) is the `ClaraProcessor`'s (`processing_clara.py`); the model holds one as
+`model.processor` for its text-in, text-out methods and checks that it matches the config's token layout.
+
+This file is copied to the Hub next to `configuration_clara.py` and `processing_clara.py` (remote code): it imports
+only torch, transformers, peft and those two files.
 """
 
 import copy
@@ -20,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jinja2.exceptions import TemplateError
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -29,10 +31,14 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
 from .configuration_clara import ClaraConfig
+from .processing_clara import ClaraProcessor, check_texts
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("compressor", "query_reasoner", "generator", "memory_embeddings")
+ADAPTER_COMPONENTS = ("compressor", "query_reasoner", "generator")
+COMPONENTS = (*ADAPTER_COMPONENTS, "added_token_embeddings")
+# ClaraProcessor settings that `from_base_model` accepts beside the ClaraConfig fields.
+PROCESSOR_SETTINGS = ("system_prompt", "user_prompt_template")
 
 
 @dataclass
@@ -128,12 +134,28 @@ class ClaraForRAG(ClaraPreTrainedModel):
     """Compressor, query reasoner and generator as three LoRA adapters on one frozen base causal LM.
 
     Build a new one with [`ClaraForRAG.from_base_model`], load a trained one with `from_pretrained` (or
-    `AutoModel.from_pretrained`). The tokenizer, with the memory tokens, is `model.tokenizer` and is saved
-    with the model. The new tokens' embeddings live in `memory_embeddings` (the base embedding matrix is
-    untouched and frozen), so exactly the new rows are trainable.
+    `AutoModel.from_pretrained`). The [`ClaraProcessor`] (tokenizer with CLaRa's tokens, prompts) is
+    `model.processor` and is saved with the model. The added tokens' embeddings live in `added_token_embeddings`
+    (the base embedding matrix is untouched and frozen), so exactly the new rows are trainable.
+
+    A document's *memories* are the `[n_mem, hidden]` vectors the compressor makes of it; the same name is used for
+    every tensor of them (`[N, n_mem, hidden]` for a corpus, `[Q, k, n_mem, hidden]` selected per question).
 
     Inference methods run in the model's current mode: `from_pretrained` and `from_base_model` return it in
     eval mode (LoRA dropout off).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from modeling_clara import ClaraForRAG
+    >>> base = AutoModelForCausalLM.from_pretrained("path/to/base")
+    >>> model = ClaraForRAG.from_base_model(base, AutoTokenizer.from_pretrained("path/to/base"), compression_rate=32)
+    >>> memories = model.compress_documents(["The Eiffel Tower is in Paris.", "Marie Curie won two Nobel prizes."])
+    >>> scores, indices = model.retrieve(["Where is the Eiffel Tower?"], memories, k=1)
+    >>> model.generate_from_compressed(["Where is the Eiffel Tower?"], memories[indices])
+    ['Paris']
+    ```
     """
 
     def __init__(self, config: ClaraConfig, language_model: PreTrainedModel | None = None):
@@ -149,7 +171,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model
-        self.memory_embeddings = nn.Embedding(len(new_token_ids), config.text_config.hidden_size)
+        self.added_token_embeddings = nn.Embedding(len(new_token_ids), config.text_config.hidden_size)
         self.post_init()
         # Adapters go in after post_init: weight initialisation must not touch them (lora_B starts at zero).
         lora_config = LoraConfig(
@@ -165,7 +187,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
             for adapter in self.adapter_names.values():
                 inject_adapter_in_model(copy.deepcopy(lora_config), self.language_model, adapter_name=adapter)
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
-        self.tokenizer = None
+        # Found once: switching adapters touches only these layers.
+        self._lora_layers = [m for m in self.language_model.modules() if isinstance(m, BaseTunerLayer)]
+        self._processor = None
         self.generation_config = GenerationConfig(max_new_tokens=64, do_sample=False)
         self.trainable_components = COMPONENTS
         self._apply_trainable_components()
@@ -186,9 +210,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
             base: a loaded causal LM (used in place, not copied: the adapters are injected into it) or a local
                 path / hub id to load one from.
             tokenizer: the base's tokenizer; loaded from `base` when omitted. It is copied, then the memory
-                tokens, `<ENC>` and `<SEP>` are appended to the copy.
-            config_overrides: [`ClaraConfig`] fields (`compression_rate`, `doc_max_length`, LoRA settings...).
-                Unknown names raise.
+                tokens, `<ENC>` and `<SEP>` are appended to the copy (see [`ClaraProcessor.from_base_tokenizer`]).
+            config_overrides: [`ClaraConfig`] fields (`compression_rate`, `doc_max_length`, LoRA settings...) and
+                the processor's `system_prompt` / `user_prompt_template`. Unknown names raise.
         """
         if isinstance(base, str):
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base)
@@ -203,19 +227,14 @@ class ClaraForRAG(ClaraPreTrainedModel):
             # GGUF weights are dequantized on load; only the stale quantization config remains to drop.
             base.hf_quantizer.remove_quantization_config(base)
 
+        processor_settings = {key: config_overrides.pop(key) for key in PROCESSOR_SETTINGS if key in config_overrides}
         config = ClaraConfig(text_config=copy.deepcopy(base.config), **config_overrides)
-        tokenizer = copy.deepcopy(tokenizer)
-        new_tokens = [f"<MEM{i}>" for i in range(config.num_memory_tokens)] + ["<ENC>", "<SEP>"]
-        already_there = [token for token in new_tokens if token in tokenizer.get_vocab()]
-        if already_there:
-            raise ValueError(f"The tokenizer already has CLaRa tokens {already_there[:3]}...: pass the base tokenizer.")
-        tokenizer.add_special_tokens({"extra_special_tokens": new_tokens}, replace_extra_special_tokens=False)
-        new_ids = tokenizer.convert_tokens_to_ids(new_tokens)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
-        tokenizer.padding_side = "left"
-        config.memory_token_ids = new_ids[:-2]
-        config.encoder_token_id, config.separator_token_id = new_ids[-2:]
+        processor = ClaraProcessor.from_base_tokenizer(
+            tokenizer, config.num_memory_tokens, doc_max_length=config.doc_max_length, **processor_settings
+        )
+        new_ids = processor.added_token_ids
+        config.memory_token_ids = processor.memory_token_ids
+        config.encoder_token_id, config.separator_token_id = processor.encoder_token_id, processor.separator_token_id
         config.text_config._attn_implementation = base.config._attn_implementation
         config.dtype = base.dtype
         model = cls(config, language_model=base)
@@ -226,25 +245,40 @@ class ClaraForRAG(ClaraPreTrainedModel):
             base_embeddings = base_embedding.float()
             mean, std = base_embeddings.mean(0), base_embeddings.std(0)
             noise = torch.randn(len(new_ids), mean.shape[0], device=mean.device) * std * 1e-2
-            model.memory_embeddings.weight.copy_(mean + noise)
+            model.added_token_embeddings.weight.copy_(mean + noise)
         model.to(device=base.device, dtype=base.dtype)
-        model.tokenizer = tokenizer
+        model.processor = processor
         model.generation_config.update(
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            pad_token_id=processor.tokenizer.pad_token_id,
             # New tokens that fall inside the LM head (a base with a padded vocabulary) must never be generated.
             suppress_tokens=[i for i in new_ids if i < base.get_output_embeddings().out_features] or None,
         )
         return model.eval()
 
+    @property
+    def processor(self) -> ClaraProcessor:
+        """The text side: tokenizer with CLaRa's tokens, prompts, tokenize functions."""
+        if self._processor is None:
+            raise ValueError("model.processor is not set: load with from_pretrained or build with from_base_model.")
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: ClaraProcessor) -> None:
+        layout = ("memory_token_ids", "encoder_token_id", "separator_token_id", "doc_max_length")
+        mismatched = [name for name in layout if getattr(processor, name) != getattr(self.config, name)]
+        if mismatched:
+            raise ValueError(f"The processor does not match this model's config in {mismatched}.")
+        self._processor = processor
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves the weights (safetensors: base, every adapter, memory embeddings), the config, the tokenizer and
-        the generation config. The state dict a Trainer passes (`state_dict=`) is honoured."""
+        """Saves the weights (safetensors: base, every adapter, added-token embeddings), the config, the processor
+        (tokenizer + processor config) and the generation config. The state dict a Trainer passes (`state_dict=`)
+        is honoured. Without a processor nothing is written: the folder could not be loaded."""
+        processor = self.processor
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            if self.tokenizer is None:
-                raise ValueError("This model has no tokenizer to save: set model.tokenizer first.")
-            self.tokenizer.save_pretrained(save_directory)
+            processor.save_pretrained(save_directory)
             self.generation_config.save_pretrained(save_directory)
 
     @classmethod
@@ -266,8 +300,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "trust_remote_code")
             if key in kwargs
         }
-        model.tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        model.tokenizer.padding_side = "left"  # not kept by every tokenizer's saved config
+        model.processor = ClaraProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         # Loading replaces the parameters, and with them their requires_grad flags.
         model._apply_trainable_components()
@@ -281,8 +314,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             if any(f".{name}." in key for key in missing)
         ]
         parts = [f"adapter(s) {adapters}"] if adapters else []
-        if any(key.startswith("memory_embeddings") for key in missing):
-            parts.append("the memory-token embeddings")
+        if any(key.startswith("added_token_embeddings") for key in missing):
+            parts.append("the added-token embeddings")
         return " and ".join(parts) or "base model weights"
 
     # ------------------------------------------------------------------ adapters and trainable parameters
@@ -297,7 +330,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         }
 
     def set_trainable_components(self, components: Iterable[str]) -> None:
-        """Fixes which parameters train: any of "compressor", "query_reasoner", "generator", "memory_embeddings".
+        """Fixes which parameters train: any of "compressor", "query_reasoner", "generator", "added_token_embeddings".
 
         The base model is always frozen. The set stays fixed whatever adapter a forward pass switches to, so the
         optimizer, DDP and ZeRO see one explicit set of trainable parameters.
@@ -310,21 +343,24 @@ class ClaraForRAG(ClaraPreTrainedModel):
         self._apply_trainable_components()
 
     def _apply_trainable_components(self) -> None:
-        trainable_adapters = {self.adapter_names[c] for c in self.trainable_components if c in self.adapter_names}
         for parameter in self.language_model.parameters():
             parameter.requires_grad = False
-        for layer in self._lora_layers():
+        self._apply_adapter_trainability()
+        self.added_token_embeddings.weight.requires_grad = "added_token_embeddings" in self.trainable_components
+
+    def _apply_adapter_trainability(self) -> None:
+        trainable_adapters = {self.adapter_names[c] for c in self.trainable_components if c in self.adapter_names}
+        for layer in self._lora_layers:
             for layer_name in layer.adapter_layer_names:
                 for adapter, module in getattr(layer, layer_name).items():
                     for parameter in module.parameters():
                         parameter.requires_grad = adapter in trainable_adapters
-        self.memory_embeddings.weight.requires_grad = "memory_embeddings" in self.trainable_components
 
     @torch.no_grad()
     def reset_adapter(self, component: str) -> None:
         """Re-initialises one adapter as new (LoRA B = 0: the adapter starts as the identity)."""
         adapter = self.adapter_names[component]
-        layers = self._lora_layers()
+        layers = self._lora_layers
         with _gathered([p for layer in layers for p in layer.parameters()], modifier_rank=0):
             for layer in layers:
                 layer.reset_lora_parameters(adapter, init_lora_weights=True)
@@ -334,7 +370,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         """Copies one component's adapter weights into another's (stage 3 starts the query reasoner as the
         compressor)."""
         source_adapter, target_adapter = self.adapter_names[source], self.adapter_names[target]
-        layers = self._lora_layers()
+        layers = self._lora_layers
         with _gathered([p for layer in layers for p in layer.parameters()], modifier_rank=0):
             for layer in layers:
                 for layer_name in layer.adapter_layer_names:
@@ -347,7 +383,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def _dropout_disabled(self, component: str, disabled: bool = True):
         """Turns off one adapter's LoRA dropout for the duration of the block."""
         adapter = self.adapter_names[component]
-        dropouts = [layer.lora_dropout[adapter] for layer in self._lora_layers()] if disabled else []
+        dropouts = [layer.lora_dropout[adapter] for layer in self._lora_layers] if disabled else []
         modes = [dropout.training for dropout in dropouts]
         for dropout in dropouts:
             dropout.eval()
@@ -357,161 +393,50 @@ class ClaraForRAG(ClaraPreTrainedModel):
             for dropout, mode in zip(dropouts, modes):
                 dropout.train(mode)
 
-    def _lora_layers(self) -> list[BaseTunerLayer]:
-        return [module for module in self.language_model.modules() if isinstance(module, BaseTunerLayer)]
+    @contextmanager
+    def adapter(self, component: str | None):
+        """Inside the block, `component`'s adapter is the active one (None: the bare base model, adapters off);
+        the previous state comes back after it. What trains does not change.
 
-    def _use_adapter(self, component: str | None) -> None:
-        """Activates one component's adapter (None: the bare base model) without changing what trains."""
-        for layer in self._lora_layers():
-            layer.enable_adapters(component is not None)
-            if component is not None:
-                layer.set_adapter(self.adapter_names[component])
-        # peft's set_adapter / enable_adapters also flip requires_grad: restore the fixed trainable set.
-        self._apply_trainable_components()
-
-    # ------------------------------------------------------------------ tokenization
-
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError("model.tokenizer is not set: load with from_pretrained or build with from_base_model.")
-        return self.tokenizer
-
-    def tokenize_for_compression(
-        self, texts: Sequence[str], kind: str = "document", warn_truncation: bool = True
-    ) -> dict[str, torch.Tensor]:
-        """`<ENC> + text (truncated to doc_max_length) + <MEM0>..<MEM{n-1}>`, left-padded.
-
-        Used for documents (compressor) and questions (query reasoner) alike. Empty texts raise. The number of
-        truncated texts is logged, or, with `warn_truncation=False` (training collators, which report it as a
-        metric), returned under `"num_truncated"`.
-
-        Returns:
-            `{"input_ids", "attention_mask"}`, CPU tensors `[len(texts), L]`; the memory tokens are the last n_mem
-            positions of every row.
+        Example: `with model.adapter("compressor"): hidden = model.language_model.get_decoder()(...)`.
         """
-        tokenizer = self._require_tokenizer()
-        _check_texts(texts, kind)
-        token_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        max_length = self.config.doc_max_length
-        truncated = sum(len(ids) > max_length for ids in token_ids)
-        if truncated and warn_truncation:
-            logger.warning(
-                "%d of %d %ss were longer than doc_max_length=%d tokens and were truncated.",
-                truncated, len(texts), kind, max_length,
-            )
-        sequences = [
-            [self.config.encoder_token_id, *ids[:max_length], *self.config.memory_token_ids] for ids in token_ids
-        ]
-        batch = _left_pad(sequences, tokenizer.pad_token_id)
-        if not warn_truncation:
-            batch["num_truncated"] = truncated
-        return batch
-
-    def _render_prompt(
-        self, question: str, documents_text: str, answer: str | None = None, system_prompt: str | None = None
-    ) -> str:
-        tokenizer = self._require_tokenizer()
-        if not tokenizer.chat_template:
-            raise ValueError("The tokenizer has no chat template; set tokenizer.chat_template for the generator.")
-        user = self.config.user_prompt_template.format(documents=documents_text, question=question)
-        system_prompt = self.config.system_prompt if system_prompt is None else system_prompt
-        conversation = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
-        if answer is not None:
-            conversation.append({"role": "assistant", "content": answer})
+        if component is not None and component not in ADAPTER_COMPONENTS:
+            raise ValueError(f"Unknown adapter component {component!r}; choose from {ADAPTER_COMPONENTS} or None.")
+        first = self._lora_layers[0]
+        previous = None if first.disable_adapters else first.active_adapters
+        self._activate(None if component is None else [self.adapter_names[component]])
         try:
-            return self._apply_chat_template(conversation)
-        except TemplateError:
-            # Templates without a system role (Mistral-Instruct) get the system prompt at the top of the user turn.
-            folded = [{"role": "user", "content": f"{system_prompt}\n\n{user}"}, *conversation[2:]]
-            return self._apply_chat_template(folded)
+            yield
+        finally:
+            self._activate(previous)
 
-    def _apply_chat_template(self, conversation: list[dict[str, str]]) -> str:
-        ends_with_question = conversation[-1]["role"] == "user"
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=ends_with_question)
-
-    def tokenize_for_generation(
-        self,
-        questions: Sequence[str],
-        num_documents: int | Sequence[int],
-        answers: Sequence[str] | None = None,
-        system_prompt: str | Sequence[str] | None = None,
-        max_length: int | None = None,
-        warn_truncation: bool = True,
-    ) -> dict[str, torch.Tensor]:
-        """The generator's chat prompt with `num_documents` blocks `<MEM0>..<MEM{n-1}><SEP>` per question, left-padded.
-
-        With `answers`, the assistant turn is appended and `labels` covers exactly its tokens (-100 elsewhere);
-        a sequence longer than `max_length` loses the end of its answer (counted in a logged warning, or returned
-        under `"num_truncated"` with `warn_truncation=False`).
-        `system_prompt` (one, or one per question) replaces `config.system_prompt`.
-        """
-        tokenizer = self._require_tokenizer()
-        _check_texts(questions, "question")
-        counts = [num_documents] * len(questions) if isinstance(num_documents, int) else list(num_documents)
-        if len(counts) != len(questions):
-            raise ValueError(f"{len(questions)} questions but {len(counts)} document counts.")
-        if answers is not None and len(answers) != len(questions):
-            raise ValueError(f"{len(questions)} questions but {len(answers)} answers.")
-        if system_prompt is None or isinstance(system_prompt, str):
-            system_prompts = [system_prompt] * len(questions)
-        else:
-            system_prompts = list(system_prompt)
-        if len(system_prompts) != len(questions):
-            raise ValueError(f"{len(questions)} questions but {len(system_prompts)} system prompts.")
-        truncated = 0
-        block = "".join(tokenizer.convert_ids_to_tokens([*self.config.memory_token_ids, self.config.separator_token_id]))
-        sequences, label_sequences = [], []
-        for i, (question, count) in enumerate(zip(questions, counts)):
-            prompt = self._render_prompt(question, block * count, system_prompt=system_prompts[i])
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            expected = count * self.config.num_memory_tokens
-            found = sum(token_id in self.config.memory_token_ids for token_id in prompt_ids)
-            if found != expected:
-                raise ValueError(
-                    f"Question {i} produced {found} memory tokens instead of {expected}: questions must not contain "
-                    "the text of CLaRa's special tokens (<MEM..>, <ENC>, <SEP>)."
-                )
-            if answers is None:
-                sequences.append(prompt_ids)
-                continue
-            full_prompt = self._render_prompt(question, block * count, answers[i], system_prompts[i])
-            full_ids = tokenizer(full_prompt, add_special_tokens=False)["input_ids"]
-            if full_ids[: len(prompt_ids)] != prompt_ids:
-                raise ValueError("The chat template does not render the prompt as a prefix of prompt + answer.")
-            if max_length is not None and len(full_ids) > max_length:
-                if len(prompt_ids) >= max_length:
-                    raise ValueError(f"Question {i}: the prompt alone has {len(prompt_ids)} tokens, max_length={max_length}.")
-                full_ids, truncated = full_ids[:max_length], truncated + 1
-            sequences.append(full_ids)
-            label_sequences.append([-100] * len(prompt_ids) + full_ids[len(prompt_ids) :])
-        if truncated and warn_truncation:
-            logger.warning("%d of %d answers were cut to fit max_length=%d tokens.", truncated, len(questions), max_length)
-        batch = _left_pad(sequences, tokenizer.pad_token_id)
-        if not warn_truncation:
-            batch["num_truncated"] = truncated
-        if answers is not None:
-            batch["labels"] = _left_pad(label_sequences, -100)["input_ids"]
-        return batch
+    def _activate(self, adapters: list[str] | None) -> None:
+        for layer in self._lora_layers:
+            layer.enable_adapters(adapters is not None)
+            if adapters is not None:
+                layer.set_adapter(adapters)
+        # peft's set_adapter / enable_adapters also flip requires_grad: restore the fixed set on the adapters.
+        self._apply_adapter_trainability()
 
     # ------------------------------------------------------------------ core computations
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings, with the memory/`<ENC>`/`<SEP>` rows taken from `memory_embeddings`."""
+        """Input embeddings, with the rows of CLaRa's added tokens taken from `added_token_embeddings`."""
         is_new = input_ids >= self.first_new_token_id
         base_ids = input_ids.masked_fill(is_new, 0)
         embeddings = self.language_model.get_input_embeddings()(base_ids)
-        new_embeddings = self.memory_embeddings((input_ids - self.first_new_token_id).clamp(min=0))
+        new_embeddings = self.added_token_embeddings((input_ids - self.first_new_token_id).clamp(min=0))
         return torch.where(is_new.unsqueeze(-1), new_embeddings.to(embeddings.dtype), embeddings)
 
     def memory_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, component: str = "compressor"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs one adapter over `tokenize_for_compression` output.
+        """Runs one adapter over `ClaraProcessor.tokenize_for_compression` output.
 
         Only the decoder runs (no LM head, no per-layer states).
 
         Returns:
-            `(memory [B, n_mem, hidden], mse [B])`: the last-layer states at the memory positions, and per row the
+            `(memories [B, n_mem, hidden], mse [B])`: the last-layer states at the memory positions, and per row the
             MSE between their mean and the mean of the other non-padding states.
         """
         num_memory = self.config.num_memory_tokens
@@ -523,39 +448,39 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError(
                 f"Gradient checkpointing cannot train the {component}: disable it, or compress without gradients."
             )
-        self._use_adapter(component)
-        hidden = self.language_model.get_decoder()(
-            inputs_embeds=self.embed_tokens(input_ids),
-            attention_mask=attention_mask,
-            position_ids=_position_ids(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
-        memory = hidden[:, -num_memory:]
+        with self.adapter(component):
+            hidden = self.language_model.get_decoder()(
+                inputs_embeds=self.embed_tokens(input_ids),
+                attention_mask=attention_mask,
+                position_ids=_position_ids(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
+        memories = hidden[:, -num_memory:]
         text_mask = attention_mask[:, :-num_memory].unsqueeze(-1).to(hidden.dtype)
         text_mean = (hidden[:, :-num_memory] * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)
-        mse = (memory.mean(1).float() - text_mean.float()).pow(2).mean(-1)
-        return memory, mse
+        mse = (memories.mean(1).float() - text_mean.float()).pow(2).mean(-1)
+        return memories, mse
 
-    def generator_embeddings(self, input_ids: torch.Tensor, memory_vectors: torch.Tensor) -> torch.Tensor:
-        """Prompt embeddings with the memory placeholders overwritten, in order, by `memory_vectors`.
+    def generator_embeddings(self, input_ids: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings with the memory placeholders overwritten, in order, by `memories`.
 
         Args:
-            input_ids: `[B, T]` from `tokenize_for_generation`.
-            memory_vectors: `[B, k, n_mem, hidden]`, or `[M, hidden]` with M the total count of placeholders
-                (row-major over the batch; for a varying number of documents per question).
+            input_ids: `[B, T]` from `ClaraProcessor.tokenize_for_generation`.
+            memories: `[B, k, n_mem, hidden]`, or `[M, hidden]` with M the total count of placeholders (row-major
+                over the batch; for a varying number of documents per question).
         """
         embeddings = self.embed_tokens(input_ids)
         placeholders = torch.isin(input_ids, torch.tensor(self.config.memory_token_ids, device=input_ids.device))
-        vectors = memory_vectors.reshape(-1, memory_vectors.shape[-1])
-        if memory_vectors.dim() == 4 and memory_vectors.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"{input_ids.shape[0]} prompts but memory vectors for {memory_vectors.shape[0]}.")
+        vectors = memories.reshape(-1, memories.shape[-1])
+        if memories.dim() == 4 and memories.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} prompts but memories for {memories.shape[0]}.")
         if vectors.shape[0] != int(placeholders.sum()):
             raise ValueError(
                 f"The prompts hold {int(placeholders.sum())} memory placeholders but {vectors.shape[0]} memory "
-                f"vectors were given (shape {tuple(memory_vectors.shape)})."
+                f"vectors were given (shape {tuple(memories.shape)})."
             )
         if vectors.shape[-1] != embeddings.shape[-1]:
-            raise ValueError(f"Memory vectors have hidden size {vectors.shape[-1]}, the model {embeddings.shape[-1]}.")
+            raise ValueError(f"Memories have hidden size {vectors.shape[-1]}, the model {embeddings.shape[-1]}.")
         embeddings = embeddings.clone()
         embeddings[placeholders] = vectors.to(embeddings.dtype)
         return embeddings
@@ -567,74 +492,79 @@ class ClaraForRAG(ClaraPreTrainedModel):
         labels: torch.LongTensor | None = None,
         document_input_ids: torch.LongTensor | None = None,
         document_attention_mask: torch.Tensor | None = None,
-        document_embeddings: torch.Tensor | None = None,
+        document_memories: torch.Tensor | None = None,
         document_mask: torch.Tensor | None = None,
         query_input_ids: torch.LongTensor | None = None,
         query_attention_mask: torch.Tensor | None = None,
-        top_k: int | None = None,
+        num_documents_in_batch: int | torch.Tensor | None = None,
         **loss_kwargs,
     ) -> ClaraOutput:
-        """Training forward for the three stages.
+        """Training forward for the three stages; `loss` is the training loss, nothing is added outside.
 
         - Without a query (stages 1 and 2): every document of a row goes to the generator, in order. Documents
-          given as tokens (`document_input_ids [B, N, L]`) are compressed with gradients and add the MSE term.
+          given as tokens (`document_input_ids [B, N, L]`) are compressed with gradients and add
+          `config.mse_weight` x the MSE term.
         - With a query (`query_input_ids [B, Lq]`, stage 3): documents are compressed without gradients (or taken
-          from `document_embeddings [B, N, n_mem, hidden]`), the query reasoner scores them, the differentiable
-          top-k picks `top_k` (default `generation_top_k`) and the loss is the generator's CE alone.
+          from `document_memories [B, N, n_mem, hidden]`), the query reasoner scores them, the differentiable
+          top-k picks `config.generation_top_k` and the loss is the generator's CE alone.
 
         `document_mask [B, N]` marks real documents when rows have different counts (padding documents are never
         selected and never reach the generator). `input_ids`/`attention_mask`/`labels` come from
-        `tokenize_for_generation` with one block per document the generator reads. Extra keyword arguments (e.g.
-        `num_items_in_batch`) go to the LM loss.
+        `ClaraProcessor.tokenize_for_generation` with one block per document the generator reads.
+
+        Normalisation over an accumulated (and global) batch, as the Trainer passes it: `num_items_in_batch` (in
+        `loss_kwargs`, the labelled-token count) divides the summed CE, `num_documents_in_batch` the summed MSE;
+        without them both are means over this batch.
         """
-        if (document_input_ids is None) == (document_embeddings is None):
-            raise ValueError("Pass exactly one of document_input_ids and document_embeddings.")
+        if (document_input_ids is None) == (document_memories is None):
+            raise ValueError("Pass exactly one of document_input_ids and document_memories.")
         retrieval = query_input_ids is not None
         mse_loss = None
-        if document_embeddings is None:
+        if document_memories is None:
             if document_input_ids.dim() != 3 or document_attention_mask is None:
                 raise ValueError("document_input_ids must be [B, N, L] with a matching document_attention_mask.")
             batch, num_candidates, length = document_input_ids.shape
             frozen = retrieval  # stage 3: the compressor is frozen, so it runs deterministically, as in inference
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen), self._dropout_disabled("compressor", frozen):
-                memory, mse = self.memory_states(
+                memories, mse = self.memory_states(
                     document_input_ids.reshape(-1, length), document_attention_mask.reshape(-1, length)
                 )
-            document_embeddings = memory.reshape(batch, num_candidates, *memory.shape[1:])
+            document_memories = memories.reshape(batch, num_candidates, *memories.shape[1:])
             if not retrieval:
-                mse_loss = mse.mean() if document_mask is None else mse[document_mask.reshape(-1).bool()].mean()
-        elif document_embeddings.dim() != 4:
-            raise ValueError(f"document_embeddings must be [B, N, n_mem, hidden], got {tuple(document_embeddings.shape)}.")
-        if document_mask is not None and document_mask.shape != document_embeddings.shape[:2]:
-            raise ValueError(f"document_mask must be [B, N] = {tuple(document_embeddings.shape[:2])}.")
+                real_mse = mse if document_mask is None else mse[document_mask.reshape(-1).bool()]
+                mse_loss = real_mse.mean() if num_documents_in_batch is None else real_mse.sum() / num_documents_in_batch
+        elif document_memories.dim() != 4:
+            raise ValueError(f"document_memories must be [B, N, n_mem, hidden], got {tuple(document_memories.shape)}.")
+        if document_mask is not None and document_mask.shape != document_memories.shape[:2]:
+            raise ValueError(f"document_mask must be [B, N] = {tuple(document_memories.shape[:2])}.")
 
         retrieval_scores = selected_indices = None
         if retrieval:
-            top_k = top_k or self.config.generation_top_k
-            query_memory, _ = self.memory_states(query_input_ids, query_attention_mask, "query_reasoner")
-            retrieval_scores = cosine_scores(query_memory, document_embeddings)
+            top_k = self.config.generation_top_k
+            query_memories, _ = self.memory_states(query_input_ids, query_attention_mask, "query_reasoner")
+            retrieval_scores = cosine_scores(query_memories, document_memories)
             if document_mask is not None:
                 if (document_mask.sum(-1) < top_k).any():
-                    raise ValueError(f"top_k={top_k} but a row has fewer real candidate documents.")
+                    raise ValueError(f"generation_top_k={top_k} but a row has fewer real candidate documents.")
                 retrieval_scores = retrieval_scores.masked_fill(~document_mask.bool(), float("-inf"))
             weights, selected_indices = differentiable_topk(
                 retrieval_scores, top_k, self.config.retrieval_temperature
             )
-            selected = torch.einsum("bkn,bnmh->bkmh", weights.to(document_embeddings.dtype), document_embeddings)
+            selected = torch.einsum("bkn,bnmh->bkmh", weights.to(document_memories.dtype), document_memories)
         elif document_mask is not None:
-            selected = document_embeddings[document_mask.bool()]  # [M, n_mem, hidden], row-major
+            selected = document_memories[document_mask.bool()]  # [M, n_mem, hidden], row-major
         else:
-            selected = document_embeddings
+            selected = document_memories
 
-        self._use_adapter("generator")
-        outputs = self.language_model(
-            inputs_embeds=self.generator_embeddings(input_ids, selected),
-            attention_mask=attention_mask,
-            position_ids=_position_ids(attention_mask),
-            labels=labels,
-            use_cache=False,
-            **loss_kwargs,
-        )
+        with self.adapter("generator"):
+            outputs = self.language_model(
+                inputs_embeds=self.generator_embeddings(input_ids, selected),
+                attention_mask=attention_mask,
+                position_ids=_position_ids(attention_mask),
+                labels=labels,
+                use_cache=False,
+                **loss_kwargs,
+            )
         lm_loss = outputs.loss
         loss = None
         if lm_loss is not None:
@@ -655,7 +585,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         kind = "document" if component == "compressor" else "question"
-        _check_texts(texts, kind)
+        check_texts(texts, kind)
         starts = range(0, len(texts), batch_size)
         if show_progress_bar:
             from tqdm.auto import tqdm
@@ -663,7 +593,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             starts = tqdm(starts, desc=f"Encoding {kind}s", unit="batch")
         chunks = []
         for start in starts:
-            batch = self.tokenize_for_compression(texts[start : start + batch_size], kind)
+            batch = self.processor.tokenize_for_compression(texts[start : start + batch_size], kind)
             batch = {key: value.to(self.device) for key, value in batch.items()}
             chunks.append(self.memory_states(batch["input_ids"], batch["attention_mask"], component)[0])
         return torch.cat(chunks)
@@ -671,9 +601,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def compress_documents(
         self, texts: Sequence[str], batch_size: int = 32, show_progress_bar: bool = False
     ) -> torch.Tensor:
-        """Compresses documents into `[N, n_mem, hidden]` memory vectors with the compressor adapter.
+        """Compresses documents into their memories, `[N, n_mem, hidden]`, with the compressor adapter.
 
-        A document's vectors do not depend on the rest of its batch. Texts longer than `doc_max_length` tokens are
+        A document's memories do not depend on the rest of its batch. Texts longer than `doc_max_length` tokens are
         truncated (and counted in a logged warning); empty texts raise.
         """
         return self._encode(texts, "compressor", batch_size, show_progress_bar)
@@ -682,21 +612,19 @@ class ClaraForRAG(ClaraPreTrainedModel):
         """Encodes questions into `[Q, n_mem, hidden]` with the query-reasoner adapter."""
         return self._encode(questions, "query_reasoner", batch_size, show_progress_bar=False)
 
-    def retrieve(
-        self, questions: Sequence[str], doc_embeddings: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k documents per question by cosine similarity of flattened memory states (float32).
+    def retrieve(self, questions: Sequence[str], memories: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k documents per question by cosine similarity of flattened memories (float32).
 
         Args:
             questions: Q questions.
-            doc_embeddings: a shared corpus `[N, n_mem, hidden]` or per-question candidates `[Q, N, n_mem, hidden]`.
+            memories: a shared corpus `[N, n_mem, hidden]` or per-question candidates `[Q, N, n_mem, hidden]`.
             k: documents per question; raises when larger than N.
 
         Returns:
             `(scores [Q, k], indices [Q, k])`, best first.
         """
         queries = self.encode_queries(questions)
-        scores = cosine_scores(queries, doc_embeddings)
+        scores = cosine_scores(queries, memories)
         if not 1 <= k <= scores.shape[-1]:
             raise ValueError(f"k={k} must be between 1 and the number of candidate documents ({scores.shape[-1]}).")
         return scores.topk(k, dim=-1)
@@ -705,36 +633,36 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def generate_from_compressed(
         self,
         questions: Sequence[str],
-        selected_embeddings: torch.Tensor | Sequence[torch.Tensor],
+        selected_memories: torch.Tensor | Sequence[torch.Tensor],
         **generate_kwargs,
     ) -> list[str]:
-        """Answers each question from its selected compressed documents.
+        """Answers each question from the memories of its selected documents.
 
         Args:
             questions: Q questions.
-            selected_embeddings: `[Q, k, n_mem, hidden]`, or a list of Q tensors `[k_i, n_mem, hidden]`.
+            selected_memories: `[Q, k, n_mem, hidden]`, or a list of Q tensors `[k_i, n_mem, hidden]`.
             generate_kwargs: override `model.generation_config` (e.g. `max_new_tokens`).
         """
-        if isinstance(selected_embeddings, torch.Tensor):
-            if selected_embeddings.dim() != 4:
+        if isinstance(selected_memories, torch.Tensor):
+            if selected_memories.dim() != 4:
                 raise ValueError(
-                    f"selected_embeddings must be [Q, k, n_mem, hidden], got {tuple(selected_embeddings.shape)}."
+                    f"selected_memories must be [Q, k, n_mem, hidden], got {tuple(selected_memories.shape)}."
                 )
-            selected_embeddings = list(selected_embeddings)
-        if len(selected_embeddings) != len(questions):
-            raise ValueError(f"{len(questions)} questions but selected embeddings for {len(selected_embeddings)}.")
-        for i, embeddings in enumerate(selected_embeddings):
-            if embeddings.dim() != 3 or embeddings.shape[1] != self.config.num_memory_tokens:
+            selected_memories = list(selected_memories)
+        if len(selected_memories) != len(questions):
+            raise ValueError(f"{len(questions)} questions but selected memories for {len(selected_memories)}.")
+        for i, memories in enumerate(selected_memories):
+            if memories.dim() != 3 or memories.shape[1] != self.config.num_memory_tokens:
                 raise ValueError(
-                    f"Selected embeddings of question {i} must be [k, {self.config.num_memory_tokens}, hidden], "
-                    f"got {tuple(embeddings.shape)}."
+                    f"Selected memories of question {i} must be [k, {self.config.num_memory_tokens}, hidden], "
+                    f"got {tuple(memories.shape)}."
                 )
-        batch = self.tokenize_for_generation(questions, [len(e) for e in selected_embeddings])
+        batch = self.processor.tokenize_for_generation(questions, [len(m) for m in selected_memories])
         batch = {key: value.to(self.device) for key, value in batch.items()}
-        memory_vectors = torch.cat([e.reshape(-1, e.shape[-1]) for e in selected_embeddings]).to(self.device)
-        inputs_embeds = self.generator_embeddings(batch["input_ids"], memory_vectors)
-        self._use_adapter("generator")
-        return self._generate(inputs_embeds, batch["attention_mask"], **generate_kwargs)
+        flat_memories = torch.cat([m.reshape(-1, m.shape[-1]) for m in selected_memories]).to(self.device)
+        inputs_embeds = self.generator_embeddings(batch["input_ids"], flat_memories)
+        with self.adapter("generator"):
+            return self._generate(inputs_embeds, batch["attention_mask"], **generate_kwargs)
 
     def answer(
         self,
@@ -745,7 +673,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         **generate_kwargs,
     ) -> list[str]:
         """Compress each question's candidate documents, rerank them with the query reasoner, keep the top k and
-        answer from their memory vectors.
+        answer from their memories.
 
         Args:
             questions: Q questions.
@@ -753,7 +681,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             k: documents the generator reads. Default: `config.generation_top_k`, capped at each question's
                 candidate count. An explicit k larger than a question's candidate count raises.
         """
-        _check_texts(questions, "question")
+        check_texts(questions, "question")
         if len(documents) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(documents)} document lists.")
         if isinstance(documents[0], str):
@@ -764,15 +692,15 @@ class ClaraForRAG(ClaraPreTrainedModel):
             if k is not None and k > len(candidates):
                 raise ValueError(f"k={k} but question {i} has only {len(candidates)} candidate documents.")
         flat = [doc for candidates in documents for doc in candidates]
-        doc_embeddings = self.compress_documents(flat, batch_size=batch_size)
+        memories = self.compress_documents(flat, batch_size=batch_size)
         queries = self.encode_queries(questions, batch_size=batch_size)
         selected, start = [], 0
         for query, candidates in zip(queries, documents):
-            candidate_embeddings = doc_embeddings[start : start + len(candidates)]
+            candidate_memories = memories[start : start + len(candidates)]
             start += len(candidates)
             count = k if k is not None else min(self.config.generation_top_k, len(candidates))
-            top = cosine_scores(query[None], candidate_embeddings)[0].topk(count).indices
-            selected.append(candidate_embeddings[top])
+            top = cosine_scores(query[None], candidate_memories)[0].topk(count).indices
+            selected.append(candidate_memories[top])
         return self.generate_from_compressed(questions, selected, **generate_kwargs)
 
     @torch.no_grad()
@@ -780,15 +708,10 @@ class ClaraForRAG(ClaraPreTrainedModel):
         self, questions: Sequence[str], documents: Sequence[Sequence[str]], **generate_kwargs
     ) -> list[str]:
         """The uncompressed baseline: the bare base model (adapters off) reads the raw documents in the same prompt."""
-        tokenizer = self._require_tokenizer()
-        _check_texts(questions, "question")
-        if len(documents) != len(questions) or (documents and isinstance(documents[0], str)):
-            raise ValueError("documents must be one list of documents per question.")
-        prompts = [self._render_prompt(q, "\n\n".join(docs)) for q, docs in zip(questions, documents)]
-        batch = _left_pad(tokenizer(prompts, add_special_tokens=False)["input_ids"], tokenizer.pad_token_id)
+        batch = self.processor.tokenize_for_generation(questions, documents=documents)
         batch = {key: value.to(self.device) for key, value in batch.items()}
-        self._use_adapter(None)
-        return self._generate(self.embed_tokens(batch["input_ids"]), batch["attention_mask"], **generate_kwargs)
+        with self.adapter(None):
+            return self._generate(self.embed_tokens(batch["input_ids"]), batch["attention_mask"], **generate_kwargs)
 
     def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> list[str]:
         generation_config = copy.deepcopy(self.generation_config)
@@ -796,7 +719,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         generated = self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config, **other_kwargs
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        return self.processor.batch_decode(generated)
 
 
 def _gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):
@@ -807,29 +730,6 @@ def _gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):
         deepspeed = importlib.import_module("deepspeed")
         return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
     return nullcontext()
-
-
-def _check_texts(texts: Sequence[str], kind: str) -> None:
-    if isinstance(texts, str):
-        raise ValueError(f"Expected a list of {kind}s, got a single string.")
-    if len(texts) == 0:
-        raise ValueError(f"Expected at least one {kind}, got an empty list.")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"{kind.capitalize()} {i} is a {type(text).__name__}, not a string.")
-        if not text.strip():
-            raise ValueError(f"{kind.capitalize()} {i} is empty.")
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        if sequence:
-            input_ids[row, -len(sequence) :] = torch.tensor(sequence)
-            attention_mask[row, -len(sequence) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 import pytest
-from conftest import build_base
+from testing_utils import build_base
 
 from clara_cli.main import main
 from modeling_clara import ClaraForRAG

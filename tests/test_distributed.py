@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import instruct_rows, scp_rows, write_jsonl
+from testing_utils import instruct_rows, scp_rows, write_jsonl
 from safetensors.torch import load_file
 
 from modeling_clara import ClaraForRAG

@@ -3,7 +3,7 @@
 import random
 
 import pytest
-from conftest import FICTIONAL_FACTS
+from testing_utils import FICTIONAL_FACTS
 from test_trainers import dataset, new_model, scp_rows, stage_config
 
 from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer

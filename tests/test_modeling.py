@@ -2,7 +2,7 @@ import logging
 
 import pytest
 import torch
-from conftest import DOCUMENTS, build_base
+from testing_utils import DOCUMENTS, build_base
 
 from modeling_clara import ClaraForRAG, cosine_scores, differentiable_topk
 
@@ -20,7 +20,7 @@ def test_memory_tokens_are_added_contiguously_after_the_base_vocabulary(clara, t
     assert ids == [*config.memory_token_ids, config.encoder_token_id, config.separator_token_id]
     assert ids == list(range(len(tokenizer), len(tokenizer) + 6))
     assert clara.first_new_token_id == len(tokenizer)
-    assert clara.memory_embeddings.weight.shape == (6, clara.config.text_config.hidden_size)
+    assert clara.added_token_embeddings.weight.shape == (6, clara.config.text_config.hidden_size)
     # The caller's tokenizer is left alone; the base embedding matrix keeps its size.
     assert "<ENC>" not in tokenizer.get_vocab()
     assert clara.language_model.get_input_embeddings().weight.shape[0] == len(tokenizer)
@@ -382,13 +382,13 @@ def test_answer_bad_input_raises(clara, questions, documents, k, message):
 
 def _parameter_groups(model):
     names = model.adapter_names
-    groups = {"base": [], "memory_embeddings": [], **{component: [] for component in names}}
+    groups = {"base": [], "added_token_embeddings": [], **{component: [] for component in names}}
     for name, parameter in model.named_parameters():
         component = next((c for c, adapter in names.items() if f".{adapter}." in name), None)
         if component is not None:
             groups[component].append(parameter)
-        elif name.startswith("memory_embeddings"):
-            groups["memory_embeddings"].append(parameter)
+        elif name.startswith("added_token_embeddings"):
+            groups["added_token_embeddings"].append(parameter)
         else:
             groups["base"].append(parameter)
     return groups
@@ -407,9 +407,9 @@ def _document_batch(model, documents_per_row):
     return input_ids, attention_mask
 
 
-def test_compression_training_forward_trains_compressor_generator_and_memory_embeddings(clara):
+def test_compression_training_forward_trains_compressor_generator_and_added_token_embeddings(clara):
     clara.train()
-    clara.set_trainable_components(["compressor", "generator", "memory_embeddings"])
+    clara.set_trainable_components(["compressor", "generator", "added_token_embeddings"])
     trainable_before = {n for n, p in clara.named_parameters() if p.requires_grad}
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:2], DOCUMENTS[2:]])
     batch = clara.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
@@ -420,7 +420,7 @@ def test_compression_training_forward_trains_compressor_generator_and_memory_emb
     groups = _parameter_groups(clara)
     assert all(_received_gradient(groups["compressor"]))
     assert all(_received_gradient(groups["generator"]))
-    assert all(_received_gradient(groups["memory_embeddings"]))
+    assert all(_received_gradient(groups["added_token_embeddings"]))
     assert all(p.grad is None for p in groups["query_reasoner"] + groups["base"])
     assert {n for n, p in clara.named_parameters() if p.requires_grad} == trainable_before
 
@@ -447,7 +447,7 @@ def test_retrieval_training_forward_trains_query_reasoner_and_generator_only(cla
     groups = _parameter_groups(clara)
     assert all(_received_gradient(groups["query_reasoner"]))
     assert all(_received_gradient(groups["generator"]))
-    assert all(p.grad is None for p in groups["compressor"] + groups["base"] + groups["memory_embeddings"])
+    assert all(p.grad is None for p in groups["compressor"] + groups["base"] + groups["added_token_embeddings"])
 
 
 def test_precomputed_document_embeddings_give_the_same_retrieval_loss(clara):

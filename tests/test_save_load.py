@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DOCUMENTS
+from testing_utils import DOCUMENTS
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
@@ -78,19 +78,19 @@ def test_every_adapter_is_restored_with_its_own_weights(saved):
     # The three adapters hold different weights, so no adapter was written with another's.
     values = list(per_adapter.values())
     assert not torch.equal(values[0], values[1]) and not torch.equal(values[1], values[2])
-    assert torch.equal(original["memory_embeddings.weight"], restored["memory_embeddings.weight"])
+    assert torch.equal(original["added_token_embeddings.weight"], restored["added_token_embeddings.weight"])
 
 
 def test_loading_restores_the_frozen_base(saved):
     _, directory = saved
     loaded = ClaraForRAG.from_pretrained(directory)
     for name, parameter in loaded.named_parameters():
-        assert parameter.requires_grad == ("lora_" in name or name.startswith("memory_embeddings")), name
+        assert parameter.requires_grad == ("lora_" in name or name.startswith("added_token_embeddings")), name
 
 
 @pytest.mark.parametrize(
     "dropped, message",
-    [(".generator.", r"adapter\(s\) \['generator'\]"), ("memory_embeddings", "memory-token embeddings")],
+    [(".generator.", r"adapter\(s\) \['generator'\]"), ("added_token_embeddings", "memory-token embeddings")],
 )
 def test_checkpoint_missing_a_part_fails_loudly(saved, dropped, message):
     _, directory = saved
@@ -104,10 +104,10 @@ def test_checkpoint_missing_a_part_fails_loudly(saved, dropped, message):
 
 def test_trainer_state_dict_is_honoured(clara, tmp_path):
     state_dict = {key: value.clone() for key, value in clara.state_dict().items()}
-    state_dict["memory_embeddings.weight"].fill_(0.5)
+    state_dict["added_token_embeddings.weight"].fill_(0.5)
     clara.save_pretrained(tmp_path, state_dict=state_dict)
     loaded = ClaraForRAG.from_pretrained(tmp_path)
-    assert torch.all(loaded.memory_embeddings.weight == 0.5)
+    assert torch.all(loaded.added_token_embeddings.weight == 0.5)
 
 
 REMOTE_CODE_SCRIPT = textwrap.dedent(

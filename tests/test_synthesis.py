@@ -3,7 +3,7 @@ import re
 from collections import Counter
 
 import pytest
-from conftest import write_jsonl
+from testing_utils import write_jsonl
 from datasets import Dataset, load_dataset
 
 from data_synthesis import (

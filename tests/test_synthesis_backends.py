@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from testing_utils import write_jsonl
 from test_synthesis import ScriptedBackend
 
 from clara_cli.default_model import smollm2_folder

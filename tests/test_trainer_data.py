@@ -3,7 +3,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import instruct_rows, scp_rows, write_jsonl
+from testing_utils import instruct_rows, scp_rows, write_jsonl
 
 from trainers import MalformedRowError, load_rows
 

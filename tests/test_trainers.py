@@ -1,13 +1,25 @@
-import pytest
-import torch
 from pathlib import Path
 
-from conftest import build_base, instruct_rows, randomize_adapters, scp_rows, write_jsonl
-from datasets import Dataset
+import pytest
+import torch
+from testing_utils import (
+    changed_parameters,
+    component_parameters,
+    dataset,
+    instruct_rows,
+    joint_rows,
+    new_model,
+    randomize_adapters,
+    scp_rows,
+    snapshot,
+    stage_config,
+    write_jsonl,
+)
 
-from clara_cli.main import load_stage_config, main
+from clara_cli.main import main, parse_train_args
 from modeling_clara import ClaraForRAG
 from trainers import (
+    ClaraModelConfig,
     InstructConfig,
     InstructTrainer,
     JointConfig,
@@ -17,70 +29,17 @@ from trainers import (
     SCPTrainer,
     load_rows,
 )
-from trainers.data import validate_row
-
-
-def new_model(tokenizer, initializer_range=0.02, hidden_size=32, **overrides):
-    settings = {"doc_max_length": 16, "compression_rate": 4, "lora_dropout": 0.0, **overrides}
-    base = build_base("llama", len(tokenizer), initializer_range=initializer_range, hidden_size=hidden_size)
-    return ClaraForRAG.from_base_model(base, tokenizer, **settings)
-
-
-def stage_config(config_class, tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        max_steps=3,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        max_length=512,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return config_class(**settings)
-
-
-def dataset(rows, stage):
-    return Dataset.from_list([validate_row(row, stage) for row in rows])
-
-
-def joint_rows():
-    return [{**row, "docs": row["docs"] + [row["docs"][1]], "pos_index": [0]} for row in instruct_rows()]
-
-
-def snapshot(model):
-    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-
-
-def changed_parameters(model, before):
-    return {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
-
-
-def component_parameters(model, *components):
-    names = set()
-    for name, _ in model.named_parameters():
-        for component in components:
-            if component == "memory_embeddings" and name.startswith("memory_embeddings"):
-                names.add(name)
-            elif component != "memory_embeddings" and f".{model.adapter_names[component]}." in name:
-                names.add(name)
-    return names
 
 
 # ---------------------------------------------------------------- exactly the intended parameters train
 
 
-def test_scp_trains_exactly_compressor_generator_and_memory_embeddings(tokenizer, tmp_path):
+def test_scp_trains_exactly_compressor_generator_and_added_token_embeddings(tokenizer, tmp_path):
     model = new_model(tokenizer)
     before = snapshot(model)
     trainer = SCPTrainer(model, stage_config(SCPConfig, tmp_path), train_dataset=dataset(scp_rows(), "scp"))
     trainer.train()
-    expected = component_parameters(model, "compressor", "generator", "memory_embeddings")
+    expected = component_parameters(model, "compressor", "generator", "added_token_embeddings")
     assert changed_parameters(model, before) == expected
     logged = trainer.state.log_history[0]
     assert {"loss", "lm_loss", "mse_loss", "truncated_documents", "truncated_answers"} <= logged.keys()
@@ -101,13 +60,16 @@ def test_instruct_reinitialises_the_generator_and_trains_compressor_and_generato
     trainer.args.max_steps = 3
     trainer.train()
     changed = changed_parameters(model, before)
-    assert changed == component_parameters(model, "compressor", "generator", "memory_embeddings")
+    assert changed == component_parameters(model, "compressor", "generator", "added_token_embeddings")
 
 
 def test_joint_starts_the_query_reasoner_from_the_compressor_and_freezes_the_compressor(tokenizer, tmp_path):
     model = randomize_adapters(new_model(tokenizer, generation_top_k=1))
     model.config.training_stage = "instruct"
-    trainer = JointTrainer(model, stage_config(JointConfig, tmp_path, top_k=2), train_dataset=dataset(joint_rows(), "joint"))
+    trainer = JointTrainer(
+        model, stage_config(JointConfig, tmp_path), train_dataset=dataset(joint_rows(), "joint"),
+        model_args=ClaraModelConfig(generation_top_k=2),
+    )
     parameters = dict(model.named_parameters())
     for name in component_parameters(model, "compressor"):
         assert torch.equal(parameters[name], parameters[name.replace(".compressor.", ".query_reasoner.")])
@@ -166,8 +128,6 @@ def test_wrong_stage_checkpoints_are_refused(tokenizer, tmp_path, trainer_class,
 def test_stage_option_values_are_checked(tmp_path):
     with pytest.raises(ValueError, match="generator_init"):
         stage_config(InstructConfig, tmp_path, generator_init="random")
-    with pytest.raises(ValueError, match="top_k"):
-        stage_config(JointConfig, tmp_path, top_k=0)
     with pytest.raises(ValueError, match="query_reasoner_init"):
         stage_config(JointConfig, tmp_path, query_reasoner_init="generator")
 
@@ -180,12 +140,23 @@ def test_a_data_file_in_the_wrong_format_fails_before_training(tokenizer, tmp_pa
         InstructTrainer(model, stage_config(InstructConfig, tmp_path, train_file=scp_file))
 
 
-def test_joint_collator_refuses_rows_with_fewer_candidates_than_top_k(tokenizer, tmp_path):
+def test_joint_data_with_fewer_candidates_than_top_k_fails_before_training(tokenizer, tmp_path):
     model = new_model(tokenizer)
     model.config.training_stage = "instruct"
-    trainer = JointTrainer(model, stage_config(JointConfig, tmp_path, top_k=3), train_dataset=dataset(instruct_rows(), "joint"))
-    with pytest.raises(ValueError, match="fewer than top_k=3"):
-        trainer.data_collator([trainer.train_dataset[0]])
+    joint_file = write_jsonl(tmp_path / "joint.jsonl", instruct_rows())  # two candidates per row
+    config = stage_config(JointConfig, tmp_path, train_file=joint_file)
+    with pytest.raises(MalformedRowError, match=r"joint.jsonl:1: 2 candidate documents .* fewer than the top-k \(3\)"):
+        JointTrainer(model, config, model_args=ClaraModelConfig(generation_top_k=3))
+
+
+def test_model_settings_are_checked_and_the_architecture_is_fixed_after_stage_1(tokenizer):
+    model = new_model(tokenizer)
+    with pytest.raises(ValueError, match="generation_top_k must be >= 1"):
+        ClaraModelConfig(generation_top_k=0).apply_to(model)
+    with pytest.raises(ValueError, match="compression_rate: the model has 4, asked for 8"):
+        ClaraModelConfig(compression_rate=8).apply_to(model)
+    ClaraModelConfig(compression_rate=4, mse_weight=0.5, retrieval_temperature=0.1).apply_to(model)
+    assert model.config.mse_weight == 0.5 and model.config.retrieval_temperature == 0.1
 
 
 # ---------------------------------------------------------------- the command line
@@ -195,23 +166,41 @@ RECIPES = Path(__file__).resolve().parents[1] / "hub_configs" / "recipes"
 
 
 def test_recipes_parse_with_overrides(tmp_path):
-    config = load_stage_config(
-        "joint", str(RECIPES / "mistral-7b-cr16" / "joint.yaml"), ["--top_k", "3", "--use_cpu", "true"]
+    model_args, config = parse_train_args(
+        "joint", ["--config", str(RECIPES / "mistral-7b-cr16" / "joint.yaml"), "--generation_top_k", "3", "--use_cpu", "true"]
     )
-    assert isinstance(config, JointConfig)
-    assert config.top_k == 3 and config.learning_rate == 5e-6 and config.bf16
+    assert isinstance(config, JointConfig) and isinstance(model_args, ClaraModelConfig)
+    assert model_args.generation_top_k == 3 and config.learning_rate == 5e-6 and config.bf16
+    model_args, config = parse_train_args("scp", ["--config", str(RECIPES / "mistral-7b-cr16" / "scp.yaml"), "--use_cpu", "true"])
+    assert model_args.compression_rate == 16 and model_args.config_overrides()["mse_weight"] == 0.1
     for stage in ("scp", "instruct", "joint"):
         for recipe in ("mistral-7b-cr16", "mistral-7b-cr32", "smollm2-135m-cpu"):
-            load_stage_config(stage, str(RECIPES / recipe / f"{stage}.yaml"), ["--use_cpu", "true"])
+            parse_train_args(stage, ["--config", str(RECIPES / recipe / f"{stage}.yaml"), "--use_cpu", "true"])
 
 
 def test_unknown_recipe_keys_and_options_raise(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("learning_rate: 1.0e-4\ncompresion_rate: 16\n")
     with pytest.raises(ValueError, match="compresion_rate"):
-        load_stage_config("scp", str(recipe), [])
+        parse_train_args("scp", ["--config", str(recipe)])
     with pytest.raises(ValueError, match="compresion_rate"):
-        load_stage_config("scp", None, ["--compresion_rate", "16"])
+        parse_train_args("scp", ["--compresion_rate", "16"])
+
+
+@pytest.mark.parametrize("stage", ["scp", "instruct", "joint"])
+def test_train_help_lists_every_field_of_both_configs(stage, capsys):
+    from dataclasses import fields
+
+    from trainers import STAGE_CLASSES
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", stage, "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for config_class in (ClaraModelConfig, STAGE_CLASSES[stage][0]):
+        for config_field in fields(config_class):
+            if config_field.init and not config_field.name.startswith("_"):
+                assert f"--{config_field.name}" in help_text, config_field.name
 
 
 def test_clara_train_runs_a_stage_end_to_end(tiny_base_dir, tmp_path):
@@ -228,7 +217,7 @@ def test_clara_train_runs_a_stage_end_to_end(tiny_base_dir, tmp_path):
     assert model.config.training_stage == "scp" and model.config.num_memory_tokens == 4
 
 
-def test_precomputed_document_embeddings_train_the_same_weights(tokenizer, tmp_path):
+def test_precomputed_document_memories_train_the_same_weights(tokenizer, tmp_path):
     # float64: the bank and the training batches compress documents in batches of different shapes, whose float
     # rounding differs (~1e-7 relative in float32, which Adam's normalised steps at lr 1e-2 amplify to ~1e-5 on some
     # machines). In float64 that noise is ~1e-16, so a 1e-10 tolerance holds with orders of magnitude to spare.
@@ -236,10 +225,12 @@ def test_precomputed_document_embeddings_train_the_same_weights(tokenizer, tmp_p
     for precompute in (False, True):
         model = randomize_adapters(new_model(tokenizer, lora_dropout=0.1)).double()
         model.config.training_stage = "instruct"
-        config = stage_config(JointConfig, tmp_path, top_k=2, precompute_document_embeddings=precompute)
-        trainer = JointTrainer(model, config, train_dataset=dataset(joint_rows(), "joint"))
+        config = stage_config(JointConfig, tmp_path, precompute_document_memories=precompute)
+        trainer = JointTrainer(
+            model, config, train_dataset=dataset(joint_rows(), "joint"), model_args=ClaraModelConfig(generation_top_k=2)
+        )
         batch = trainer.data_collator([trainer.train_dataset[0]])
-        assert ("document_embeddings" in batch) == precompute and ("document_input_ids" in batch) != precompute
+        assert ("document_memories" in batch) == precompute and ("document_input_ids" in batch) != precompute
         trainer.train()
         results.append(snapshot(model))
     for name, value in results[0].items():
@@ -254,7 +245,7 @@ def test_rows_with_fewer_documents_are_padded_and_masked(tokenizer):
         {"question": "Capital of Zorland?", "documents": ["Zorland: Quvi.", "Peltria: Osk."], "answer": "Quvi"},
         {"question": "Capital of Peltria?", "documents": [" ".join(["Peltria: Osk."] * 9)], "answer": "Osk"},
     ]
-    batch = InstructCollator(model, max_length=512)(rows)
+    batch = InstructCollator(model.processor, max_length=512)(rows)
     assert batch["document_mask"].tolist() == [[True, True], [True, False]]
     assert torch.equal(batch["document_input_ids"][1, 1], batch["document_input_ids"][1, 0])
     assert float(batch["truncated_documents"]) == pytest.approx(1 / 3)  # of the three real documents

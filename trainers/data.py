@@ -11,11 +11,11 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from modeling_clara import TRAINING_STAGES
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["MalformedRowError", "load_rows", "validate_row", "STAGES"]
-
-STAGES = ("scp", "instruct", "joint")
+__all__ = ["MalformedRowError", "load_rows", "validate_row"]
 
 
 class MalformedRowError(ValueError):
@@ -45,12 +45,13 @@ def _answer(row: dict) -> str:
     raise MalformedRowError("needs 'answer' or 'gold_answer'")
 
 
-def validate_row(row, stage: str) -> dict:
+def validate_row(row, stage: str, min_documents: int = 1) -> dict:
     """Returns the row in the stage's canonical columns, or raises `MalformedRowError` saying what is wrong.
 
     - scp: `data_type` ("qa" or "paraphrase"), `questions`, `answers`, `document`.
     - instruct: `question`, `documents`, `answer`.
-    - joint: `question`, `documents`, `answer`, `positives` (indices into documents; empty when unknown).
+    - joint: `question`, `documents` (at least `min_documents`: the top-k), `answer`, `positives` (indices into
+      documents; empty when unknown).
     """
     if not isinstance(row, dict):
         raise MalformedRowError(f"a row must be a JSON object, got {type(row).__name__}")
@@ -66,13 +67,17 @@ def validate_row(row, stage: str) -> dict:
         if data_type == "qa" and len(questions) != len(answers):
             raise MalformedRowError(f"{len(questions)} questions but {len(answers)} answers")
         return {"data_type": data_type, "questions": questions, "answers": answers, "document": documents[0]}
-    if stage not in STAGES:
-        raise ValueError(f"Unknown stage {stage!r}; choose from {STAGES}.")
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"Unknown stage {stage!r}; choose from {TRAINING_STAGES}.")
     canonical = {
         "question": _nonempty_string(row.get("question"), "question"),
         "documents": _string_list(row.get("docs"), "docs"),
         "answer": _answer(row),
     }
+    if len(canonical["documents"]) < min_documents:
+        raise MalformedRowError(
+            f"{len(canonical['documents'])} candidate documents in 'docs', fewer than the top-k ({min_documents})"
+        )
     if stage == "joint":
         positives = row.get("pos_index", [])
         if not isinstance(positives, list) or not all(
@@ -83,8 +88,9 @@ def validate_row(row, stage: str) -> dict:
     return canonical
 
 
-def load_rows(path: str | Path, stage: str, skip_malformed: bool = False) -> Dataset:
-    """Reads a JSONL file of the stage's reference format into a `datasets.Dataset` of canonical rows."""
+def load_rows(path: str | Path, stage: str, skip_malformed: bool = False, min_documents: int = 1) -> Dataset:
+    """Reads a JSONL file of the stage's reference format into a `datasets.Dataset` of canonical rows (see
+    `validate_row`; `min_documents` applies to stages 2 and 3)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No data file at {path}.")
@@ -98,7 +104,7 @@ def load_rows(path: str | Path, stage: str, skip_malformed: bool = False) -> Dat
                     parsed = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise MalformedRowError(f"invalid JSON ({error.msg})") from None
-                rows.append(validate_row(parsed, stage))
+                rows.append(validate_row(parsed, stage, min_documents))
             except MalformedRowError as error:
                 if not skip_malformed:
                     raise MalformedRowError(

