@@ -56,6 +56,7 @@ def _demo(argv: list[str]) -> int:
     parser = HfArgumentParser(
         (DemoArguments, ClaraModelConfig),
         prog="clara demo",
+        allow_abbrev=False,
         description="Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress three "
         "passages, rank them for a question, answer from the memories and from the raw text.",
     )
@@ -104,6 +105,7 @@ def parse_train_args(stage: str, argv: list[str]):
     parser = TrlParser(
         (ClaraModelConfig, config_class),
         prog=f"clara train {stage}",
+        allow_abbrev=False,
         description=f"{trainer_class.__doc__.splitlines()[0]} Options: --config RECIPE.yaml (any of the fields "
         "below), then flags, which override the recipe.",
     )
@@ -136,6 +138,7 @@ def _synthesize(argv: list[str]) -> int:
     parser = HfArgumentParser(
         (SynthesizeArguments, BackendConfig, SynthesisConfig),
         prog="clara synthesize",
+        allow_abbrev=False,
         description="Synthesize SCP training data (QA, complex QA, paraphrases, verification) from a corpus.",
     )
     args, backend_config, synthesis_config = parser.parse_args_into_dataclasses(args=argv)
@@ -163,7 +166,9 @@ COMMANDS = {
 
 
 def _overview() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clara", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="clara", description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, summary) in COMMANDS.items():
         commands.add_parser(name, help=summary, add_help=False)

@@ -67,7 +67,6 @@ def test_generation_parameters_do_not_belong_in_the_config():
         ({"generator_adapter": "compressor"}, "distinct"),
         ({"retrieval_temperature": 0.0}, "retrieval_temperature"),
         ({"generation_top_k": 0}, "generation_top_k"),
-        ({"user_prompt_template": "Question: {question}"}, "{documents}"),
         ({"memory_token_ids": [1, 2, 3]}, "memory_token_ids"),
     ],
 )

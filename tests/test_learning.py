@@ -3,10 +3,17 @@
 import random
 
 import pytest
-from testing_utils import FICTIONAL_FACTS
-from test_trainers import dataset, new_model, scp_rows, stage_config
+from testing_utils import FICTIONAL_FACTS, dataset, new_model, scp_rows, stage_config
 
-from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer
+from trainers import (
+    ClaraModelConfig,
+    InstructConfig,
+    InstructTrainer,
+    JointConfig,
+    JointTrainer,
+    SCPConfig,
+    SCPTrainer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,14 +80,13 @@ def test_each_stage_learns_and_stage_3_learns_to_retrieve_without_labels(tokeniz
     assert losses[-1] < 0.3 * losses[0], losses
 
     # Stage 3 with a fresh query reasoner: retrieval starts at or below chance (1 in 4).
-    model.config.retrieval_temperature = 0.1
     config = stage_config(
-        JointConfig, tmp_path, max_steps=100, top_k=1, query_reasoner_init="keep",
-        **{**common, "learning_rate": 1e-3},
+        JointConfig, tmp_path, max_steps=100, query_reasoner_init="keep", **{**common, "learning_rate": 1e-3}
     )
     trainer = JointTrainer(
         model, config, train_dataset=dataset(retrieval_rows(256, seed=0), "joint"),
         eval_dataset=dataset(retrieval_rows(64, seed=1), "joint"),
+        model_args=ClaraModelConfig(generation_top_k=1, retrieval_temperature=0.1),
     )
     loss_before = trainer.evaluate()["eval_loss"]
     recall_before = logged(trainer, "eval_recall@1")[-1]

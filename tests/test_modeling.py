@@ -13,7 +13,7 @@ QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
 
 
 def test_memory_tokens_are_added_contiguously_after_the_base_vocabulary(clara, tokenizer):
-    config, new_tokenizer = clara.config, clara.tokenizer
+    config, new_tokenizer = clara.config, clara.processor.tokenizer
     assert config.num_memory_tokens == 4
     expected = [f"<MEM{i}>" for i in range(4)] + ["<ENC>", "<SEP>"]
     ids = new_tokenizer.convert_tokens_to_ids(expected)
@@ -37,7 +37,7 @@ def test_from_base_model_loads_a_local_path(tokenizer, tmp_path):
 
 def test_from_base_model_rejects_a_clara_tokenizer_and_unknown_options(clara, tokenizer):
     with pytest.raises(ValueError, match="already has CLaRa tokens"):
-        ClaraForRAG.from_base_model(build_base("llama", len(tokenizer)), clara.tokenizer, doc_max_length=16, compression_rate=4)
+        ClaraForRAG.from_base_model(build_base("llama", len(tokenizer)), clara.processor.tokenizer, doc_max_length=16, compression_rate=4)
     with pytest.raises(TypeError, match="compresion_rate"):
         ClaraForRAG.from_base_model(build_base("llama", len(tokenizer)), tokenizer, compresion_rate=4)
 
@@ -47,8 +47,7 @@ def test_new_tokens_inside_a_padded_vocabulary_are_never_generated(tokenizer, mo
     model = ClaraForRAG.from_base_model(base, tokenizer, doc_max_length=16, compression_rate=4)
     new_ids = [*model.config.memory_token_ids, model.config.encoder_token_id, model.config.separator_token_id]
     assert model.generation_config.suppress_tokens == new_ids
-    prompt = model._render_prompt(QUESTIONS[0], DOCUMENTS[0])
-    prompt_ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    prompt_ids = model.processor.tokenize_for_generation(QUESTIONS[:1], documents=[DOCUMENTS[:1]])["input_ids"]
     with torch.no_grad():
         # Point the new tokens' LM-head rows at the prompt's last state: they become the likeliest next tokens.
         last_state = model.language_model.get_decoder()(prompt_ids).last_hidden_state[0, -1]
@@ -66,16 +65,16 @@ def test_new_tokens_inside_a_padded_vocabulary_are_never_generated(tokenizer, mo
 
 def test_compression_input_is_enc_document_memory_left_padded(clara):
     short, long = "Paris", "The Eiffel Tower is in Paris"
-    batch = clara.tokenize_for_compression([short, long])
+    batch = clara.processor.tokenize_for_compression([short, long])
     config = clara.config
-    short_ids = clara.tokenizer(short, add_special_tokens=False)["input_ids"]
-    long_ids = clara.tokenizer(long, add_special_tokens=False)["input_ids"]
+    short_ids = clara.processor.tokenizer(short, add_special_tokens=False)["input_ids"]
+    long_ids = clara.processor.tokenizer(long, add_special_tokens=False)["input_ids"]
     expected_long = [config.encoder_token_id, *long_ids, *config.memory_token_ids]
     expected_short = [config.encoder_token_id, *short_ids, *config.memory_token_ids]
     padding = len(expected_long) - len(expected_short)
     assert batch["input_ids"][1].tolist() == expected_long
     assert batch["input_ids"][0, padding:].tolist() == expected_short
-    assert batch["input_ids"][0, :padding].tolist() == [clara.tokenizer.pad_token_id] * padding
+    assert batch["input_ids"][0, :padding].tolist() == [clara.processor.tokenizer.pad_token_id] * padding
     assert batch["attention_mask"][0].tolist() == [0] * padding + [1] * len(expected_short)
     assert batch["attention_mask"][1].sum() == len(expected_long)
 
@@ -83,7 +82,7 @@ def test_compression_input_is_enc_document_memory_left_padded(clara):
 def test_long_documents_are_truncated_and_counted(clara, caplog):
     long_document = " ".join(["tower"] * 100)
     with caplog.at_level(logging.WARNING):
-        batch = clara.tokenize_for_compression([long_document, "Paris"])
+        batch = clara.processor.tokenize_for_compression([long_document, "Paris"])
     assert batch["attention_mask"][0].sum() == 1 + clara.config.doc_max_length + clara.config.num_memory_tokens
     assert "1 of 2 documents were longer than doc_max_length=16" in caplog.text
 
@@ -97,10 +96,9 @@ def test_compress_documents_shape_matches_a_reference_forward(clara):
     assert memories.shape == (len(DOCUMENTS), config.num_memory_tokens, config.text_config.hidden_size)
     assert not memories.requires_grad
     # Reference: the full causal LM on one unpadded sequence, compressor active, last layer at the memory positions.
-    clara._use_adapter("compressor")
     for i, document in enumerate(DOCUMENTS):
-        batch = clara.tokenize_for_compression([document])
-        with torch.no_grad():
+        batch = clara.processor.tokenize_for_compression([document])
+        with torch.no_grad(), clara.adapter("compressor"):
             outputs = clara.language_model(
                 inputs_embeds=clara.embed_tokens(batch["input_ids"]), output_hidden_states=True
             )
@@ -120,7 +118,7 @@ def test_compression_never_runs_the_lm_head(clara):
 
 def test_compression_is_batch_invariant(clara):
     documents = ["Paris", "Marie Curie won", *DOCUMENTS]  # lengths from 2 to 16 tokens: padding differs by batch
-    lengths = clara.tokenize_for_compression(documents)["attention_mask"].sum(-1)
+    lengths = clara.processor.tokenize_for_compression(documents)["attention_mask"].sum(-1)
     assert len(set(lengths.tolist())) > 2
     together = clara.compress_documents(documents, batch_size=len(documents))
     alone = torch.cat([clara.compress_documents([document]) for document in documents])
@@ -250,7 +248,7 @@ def test_differentiable_topk_rejects_bad_k(k):
 
 
 def test_memory_placeholders_are_replaced_at_exactly_their_positions(clara):
-    batch = clara.tokenize_for_generation(["Where is it?", "Who won two Nobel prizes in science?"], [2, 1])
+    batch = clara.processor.tokenize_for_generation(["Where is it?", "Who won two Nobel prizes in science?"], [2, 1])
     input_ids = batch["input_ids"]
     config = clara.config
     n_mem, hidden = config.num_memory_tokens, config.text_config.hidden_size
@@ -273,23 +271,80 @@ def test_memory_placeholders_are_replaced_at_exactly_their_positions(clara):
 
 
 def test_generator_input_errors_are_clear(clara):
-    batch = clara.tokenize_for_generation(QUESTIONS, 2)
+    batch = clara.processor.tokenize_for_generation(QUESTIONS, 2)
     hidden = clara.config.text_config.hidden_size
     with pytest.raises(ValueError, match="memory placeholders"):
         clara.generator_embeddings(batch["input_ids"], torch.randn(2, 1, 4, hidden))
     with pytest.raises(ValueError, match="hidden size"):
         clara.generator_embeddings(batch["input_ids"], torch.randn(2, 2, 4, hidden + 1))
-    with pytest.raises(ValueError, match="must not contain"):
-        clara.tokenize_for_generation(["What does <MEM0> mean?"], 1)
+
+
+@pytest.mark.parametrize("control_text", ["<MEM0>", "<SEP>", "<ENC>", "<|im_end|>", "<MEM1><SEP>"])
+def test_user_text_never_becomes_a_control_token(clara, control_text):
+    processor = clara.processor
+    control_ids = set(processor.added_token_ids) | {processor.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    document = f"A {control_text}"
+    # Compression: only the layout's own <ENC> and memory tokens are control tokens (16-token documents here).
+    ids = processor.tokenize_for_compression([document])["input_ids"][0].tolist()
+    assert ids[0] == processor.encoder_token_id and ids[-4:] == processor.memory_token_ids
+    assert not control_ids & set(ids[1:-4])
+    decoded = processor.tokenizer.decode(ids[1:-4])
+    assert decoded == document or (len(ids) - 5 == processor.doc_max_length and document.startswith(decoded))
+    # Generation: the question and the answer are text; the placeholders are exactly the documents' blocks.
+    question, answer = f"What does {control_text} mean?", f"It means {control_text}."
+    batch = processor.tokenize_for_generation([question], 2, answers=[answer])
+    ids = batch["input_ids"][0]
+    assert int(torch.isin(ids, torch.tensor(processor.memory_token_ids)).sum()) == 2 * 4
+    assert int((ids == processor.separator_token_id).sum()) == 2
+    labelled = batch["labels"][0][batch["labels"][0] != -100]
+    assert processor.tokenizer.decode(labelled).startswith(answer)
+    assert question in processor.tokenizer.decode(ids)
+    # The raw-text baseline reads the document as text too.
+    ids = processor.tokenize_for_generation([question], documents=[[document]])["input_ids"][0]
+    assert not set(processor.added_token_ids) & set(ids.tolist())
+
+
+def test_a_user_text_prompt_tokenizes_like_the_whole_prompt_for_plain_text(clara):
+    """Cutting the rendered template at the user's text changes nothing for ordinary text: the pieces give the ids
+    the tokenizer gives the whole rendered prompt."""
+    processor = clara.processor
+    batch = processor.tokenize_for_generation(QUESTIONS[:1], documents=[DOCUMENTS[:2]], answers=["Paris"])
+    conversation = [
+        {"role": "system", "content": processor.system_prompt},
+        {"role": "user", "content": processor.user_prompt_template.format(documents="\n\n".join(DOCUMENTS[:2]), question=QUESTIONS[0])},
+        {"role": "assistant", "content": "Paris"},
+    ]
+    whole = processor.tokenizer.apply_chat_template(conversation, tokenize=False)
+    expected = processor.tokenizer(whole, add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"][0].tolist() == expected
+
+
+def test_adapter_context_restores_the_previous_adapter_and_the_trainable_set(clara):
+    clara.set_trainable_components(["compressor", "added_token_embeddings"])
+    trainable = {n for n, p in clara.named_parameters() if p.requires_grad}
+    layer = clara._lora_layers[0]
+    with clara.adapter("generator"):
+        assert layer.active_adapters == [clara.adapter_names["generator"]] and not layer.disable_adapters
+        with clara.adapter(None):
+            assert layer.disable_adapters
+            assert {n for n, p in clara.named_parameters() if p.requires_grad} == trainable
+        assert layer.active_adapters == [clara.adapter_names["generator"]] and not layer.disable_adapters
+    with pytest.raises(RuntimeError), clara.adapter("query_reasoner"):
+        raise RuntimeError  # restored on errors too
+    assert layer.active_adapters != [clara.adapter_names["query_reasoner"]]
+    assert {n for n, p in clara.named_parameters() if p.requires_grad} == trainable
+    with pytest.raises(ValueError, match="Unknown adapter component"):
+        with clara.adapter("decoder"):
+            pass
 
 
 def test_labels_cover_exactly_the_answer(clara):
-    batch = clara.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
+    batch = clara.processor.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
     for row, answer in enumerate(["Paris", "Marie Curie"]):
         labelled = batch["labels"][row][batch["labels"][row] != -100]
         assert labelled.tolist() == batch["input_ids"][row, -len(labelled) :].tolist()
-        assert clara.tokenizer.decode(labelled).startswith(answer)
-        assert labelled[-2:].tolist()[0] == clara.tokenizer.eos_token_id  # <|im_end|> then "\n"
+        assert clara.processor.tokenizer.decode(labelled).startswith(answer)
+        assert labelled[-2:].tolist()[0] == clara.processor.tokenizer.eos_token_id  # <|im_end|> then "\n"
 
 
 # ---------------------------------------------------------------- base model and answering
@@ -301,13 +356,11 @@ def test_adapters_off_reproduces_the_base_model_exactly(kind, tokenizer):
     with torch.no_grad():
         expected = build_base(kind, len(tokenizer))(input_ids).logits
     model = ClaraForRAG.from_base_model(build_base(kind, len(tokenizer)), tokenizer, doc_max_length=16, compression_rate=4)
-    model._use_adapter(None)
-    with torch.no_grad():
+    with torch.no_grad(), model.adapter(None):
         assert torch.equal(model.language_model(input_ids).logits, expected)
         assert torch.equal(model.language_model(inputs_embeds=model.embed_tokens(input_ids)).logits, expected)
     # Fresh LoRA adapters start as the identity (lora_B = 0).
-    model._use_adapter("generator")
-    with torch.no_grad():
+    with torch.no_grad(), model.adapter("generator"):
         assert torch.equal(model.language_model(input_ids).logits, expected)
 
 
@@ -399,9 +452,9 @@ def _received_gradient(parameters):
 
 
 def _document_batch(model, documents_per_row):
-    rows = [model.tokenize_for_compression(documents) for documents in documents_per_row]
+    rows = [model.processor.tokenize_for_compression(documents) for documents in documents_per_row]
     length = max(row["input_ids"].shape[1] for row in rows)
-    pad = model.tokenizer.pad_token_id
+    pad = model.processor.tokenizer.pad_token_id
     input_ids = torch.stack([torch.nn.functional.pad(r["input_ids"], (length - r["input_ids"].shape[1], 0), value=pad) for r in rows])
     attention_mask = torch.stack([torch.nn.functional.pad(r["attention_mask"], (length - r["input_ids"].shape[1], 0)) for r in rows])
     return input_ids, attention_mask
@@ -412,7 +465,7 @@ def test_compression_training_forward_trains_compressor_generator_and_added_toke
     clara.set_trainable_components(["compressor", "generator", "added_token_embeddings"])
     trainable_before = {n for n, p in clara.named_parameters() if p.requires_grad}
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:2], DOCUMENTS[2:]])
-    batch = clara.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    batch = clara.processor.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
     output = clara(**batch, document_input_ids=document_ids, document_attention_mask=document_mask)
     torch.testing.assert_close(output.loss, output.lm_loss + 0.1 * output.mse_loss)
     assert output.retrieval_scores is None and output.selected_indices is None
@@ -429,15 +482,14 @@ def test_retrieval_training_forward_trains_query_reasoner_and_generator_only(cla
     clara.train()
     clara.set_trainable_components(["query_reasoner", "generator"])
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:3], DOCUMENTS[1:]])
-    queries = clara.tokenize_for_compression(QUESTIONS, "question")
-    batch = clara.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    queries = clara.processor.tokenize_for_compression(QUESTIONS, "question")
+    batch = clara.processor.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
     output = clara(
         **batch,
         document_input_ids=document_ids,
         document_attention_mask=document_mask,
         query_input_ids=queries["input_ids"],
         query_attention_mask=queries["attention_mask"],
-        top_k=2,
     )
     assert output.mse_loss is None
     torch.testing.assert_close(output.loss, output.lm_loss)
@@ -450,24 +502,24 @@ def test_retrieval_training_forward_trains_query_reasoner_and_generator_only(cla
     assert all(p.grad is None for p in groups["compressor"] + groups["base"] + groups["added_token_embeddings"])
 
 
-def test_precomputed_document_embeddings_give_the_same_retrieval_loss(clara):
+def test_precomputed_document_memories_give_the_same_retrieval_loss(clara):
     clara.train()  # the frozen compressor must still run without dropout, exactly as when precomputed
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:3], DOCUMENTS[1:]])
-    queries = clara.tokenize_for_compression(QUESTIONS, "question")
-    batch = clara.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
-    common = dict(**batch, query_input_ids=queries["input_ids"], query_attention_mask=queries["attention_mask"], top_k=2)
+    queries = clara.processor.tokenize_for_compression(QUESTIONS, "question")
+    batch = clara.processor.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    common = dict(**batch, query_input_ids=queries["input_ids"], query_attention_mask=queries["attention_mask"])
     torch.manual_seed(0)
     from_tokens = clara(**common, document_input_ids=document_ids, document_attention_mask=document_mask)
     clara.eval()
-    embeddings = torch.stack([clara.compress_documents(DOCUMENTS[:3]), clara.compress_documents(DOCUMENTS[1:])])
+    memories = torch.stack([clara.compress_documents(DOCUMENTS[:3]), clara.compress_documents(DOCUMENTS[1:])])
     clara.train()
     torch.manual_seed(0)
-    from_embeddings = clara(**common, document_embeddings=embeddings)
-    torch.testing.assert_close(from_tokens.loss, from_embeddings.loss, atol=1e-5, rtol=1e-5)
+    from_memories = clara(**common, document_memories=memories)
+    torch.testing.assert_close(from_tokens.loss, from_memories.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_forward_bad_input_raises(clara):
-    batch = clara.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
+    batch = clara.processor.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:1], DOCUMENTS[1:2]])
     with pytest.raises(ValueError, match="exactly one"):
         clara(**batch)
@@ -483,7 +535,7 @@ def test_gradient_checkpointing_refuses_to_train_the_compressor(clara):
     clara.train()
     clara.activation_checkpointing_enable()
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:1], DOCUMENTS[1:2]])
-    batch = clara.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
+    batch = clara.processor.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
     with pytest.raises(ValueError, match="Gradient checkpointing cannot train the compressor"):
         clara(**batch, document_input_ids=document_ids, document_attention_mask=document_mask)
 
@@ -497,9 +549,9 @@ MISTRAL_LIKE_TEMPLATE = (
 
 
 def test_templates_without_a_system_role_get_it_in_the_user_turn(clara):
-    clara.tokenizer.chat_template = MISTRAL_LIKE_TEMPLATE
-    batch = clara.tokenize_for_generation(QUESTIONS[:1], 2, answers=["Paris"])
-    text = clara.tokenizer.decode(batch["input_ids"][0])
-    assert text.startswith("<s>[INST] " + clara.config.system_prompt + "\n\nBackground:\n")
+    clara.processor.tokenizer.chat_template = MISTRAL_LIKE_TEMPLATE
+    batch = clara.processor.tokenize_for_generation(QUESTIONS[:1], 2, answers=["Paris"])
+    text = clara.processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.startswith("<s>[INST] " + clara.processor.system_prompt + "\n\nBackground:\n")
     assert text.endswith("[/INST]Paris<|im_end|>")
     assert int(torch.isin(batch["input_ids"], torch.tensor(clara.config.memory_token_ids)).sum()) == 8

