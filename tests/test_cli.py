@@ -1,8 +1,8 @@
 import pytest
-from testing_utils import build_base
 
 from clara_cli.main import main
 from modeling_clara import ClaraForRAG
+from testing_utils import build_base
 
 
 def test_demo_builds_compresses_answers_and_saves(tokenizer, tmp_path, capsys):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import instruct_rows, scp_rows, write_jsonl
 from safetensors.torch import load_file
 
 from modeling_clara import ClaraForRAG
+from testing_utils import instruct_rows, scp_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
     from transformers import TrainerCallback
-    from clara_cli.main import load_stage_config
+    from clara_cli.main import parse_train_args
     from trainers import SCPTrainer
 
     class KillAfterStep(TrainerCallback):
@@ -78,7 +78,8 @@ KILLED_RUN = textwrap.dedent(
             if state.global_step == int(os.environ["KILL_AFTER_STEP"]):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer = SCPTrainer(args=load_stage_config("scp", None, sys.argv[1:]))
+    model_args, config = parse_train_args("scp", sys.argv[1:])
+    trainer = SCPTrainer(args=config, model_args=model_args)
     trainer.add_callback(KillAfterStep())
     trainer.train()
     """

@@ -3,8 +3,8 @@
 import random
 
 import pytest
-from testing_utils import FICTIONAL_FACTS, dataset, new_model, scp_rows, stage_config
 
+from testing_utils import FICTIONAL_FACTS, dataset, new_model, scp_rows, stage_config
 from trainers import (
     ClaraModelConfig,
     InstructConfig,

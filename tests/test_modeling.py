@@ -2,9 +2,9 @@ import logging
 
 import pytest
 import torch
-from testing_utils import DOCUMENTS, build_base
 
 from modeling_clara import ClaraForRAG, cosine_scores, differentiable_topk
+from testing_utils import DOCUMENTS, build_base
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
 

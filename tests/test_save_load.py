@@ -7,10 +7,10 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from testing_utils import DOCUMENTS
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from modeling_clara import ClaraConfig, ClaraForRAG, ClaraProcessor
+from testing_utils import DOCUMENTS
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
 
@@ -157,7 +157,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     sys.modules["modeling_clara"] = None  # the package must not be importable in this process
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoProcessor
 
     directory, expected_path = sys.argv[1], sys.argv[2]
     model = AutoModel.from_pretrained(directory, trust_remote_code=True)
@@ -166,7 +166,10 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
     documents = ["{0}", "{1}"]
     assert torch.equal(model.compress_documents(documents), expected["documents"])
     assert torch.equal(model.encode_queries(["Where is it?"]), expected["queries"])
-    print("REMOTE-OK", type(model).__name__)
+    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
+    assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+    assert processor.memory_token_ids == model.config.memory_token_ids
+    print("REMOTE-OK", type(model).__name__, type(processor).__name__)
     """
 )
 
@@ -193,4 +196,4 @@ def test_remote_code_loads_in_a_process_without_the_package(saved, tmp_path_fact
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-OK ClaraForRAG" in result.stdout
+    assert "REMOTE-OK ClaraForRAG ClaraProcessor" in result.stdout

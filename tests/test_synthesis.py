@@ -3,7 +3,6 @@ import re
 from collections import Counter
 
 import pytest
-from testing_utils import write_jsonl
 from datasets import Dataset, load_dataset
 
 from data_synthesis import (
@@ -19,6 +18,7 @@ from data_synthesis import (
 )
 from data_synthesis.parsing import is_repetitive
 from data_synthesis.pipeline import validate_qa
+from testing_utils import write_jsonl
 from trainers import load_rows
 
 FACT = re.compile(r"The (\w+) of (\w+) is (\w+)\.")

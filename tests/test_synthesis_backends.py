@@ -8,12 +8,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from testing_utils import write_jsonl
 from test_synthesis import ScriptedBackend
 
-from modeling_clara.base_models import embedded_model_folder
 from clara_cli.main import main
 from data_synthesis import BackendConfig, GenerationRequest, OpenAIBackend, backend_from_config, run_synthesis
+from modeling_clara.base_models import embedded_model_folder
+from testing_utils import write_jsonl
 from trainers import load_rows
 
 SECRET = "sk-test-0123456789abcdef"

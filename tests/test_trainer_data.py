@@ -3,8 +3,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from testing_utils import instruct_rows, scp_rows, write_jsonl
 
+from testing_utils import instruct_rows, scp_rows, write_jsonl
 from trainers import MalformedRowError, load_rows
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scp_pretrain_sample.jsonl"

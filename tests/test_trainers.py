@@ -2,6 +2,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from clara_cli.main import main, parse_train_args
+from modeling_clara import ClaraForRAG
 from testing_utils import (
     changed_parameters,
     component_parameters,
@@ -15,9 +18,6 @@ from testing_utils import (
     stage_config,
     write_jsonl,
 )
-
-from clara_cli.main import main, parse_train_args
-from modeling_clara import ClaraForRAG
 from trainers import (
     ClaraModelConfig,
     InstructConfig,
@@ -27,9 +27,7 @@ from trainers import (
     MalformedRowError,
     SCPConfig,
     SCPTrainer,
-    load_rows,
 )
-
 
 # ---------------------------------------------------------------- exactly the intended parameters train
 
