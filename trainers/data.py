@@ -1,4 +1,5 @@
-"""Reading and validating the training data of the three stages (the reference formats, CLARA.md section 5).
+"""Reading and validating the data of the three training stages and of evaluation (the reference formats, CLARA.md
+section 5).
 
 Every row is checked before training starts. A malformed row raises `MalformedRowError` naming the file and line,
 or, with `skip_malformed=True`, is skipped and counted by reason in a logged summary.
@@ -15,11 +16,13 @@ from modeling_clara import TRAINING_STAGES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MalformedRowError", "load_rows", "validate_row"]
+__all__ = ["DATA_FORMATS", "MalformedRowError", "load_rows", "validate_row"]
+
+DATA_FORMATS = (*TRAINING_STAGES, "evaluate")
 
 
 class MalformedRowError(ValueError):
-    """A data row that does not have the stage's format."""
+    """A data row that does not have its reference format."""
 
 
 def _nonempty_string(value, field: str) -> str:
@@ -45,17 +48,19 @@ def _answer(row: dict) -> str:
     raise MalformedRowError("needs 'answer' or 'gold_answer'")
 
 
-def validate_row(row, stage: str, min_documents: int = 1) -> dict:
-    """Returns the row in the stage's canonical columns, or raises `MalformedRowError` saying what is wrong.
+def validate_row(row, data_format: str, min_documents: int = 1) -> dict:
+    """Returns the row in its format's canonical columns, or raises `MalformedRowError` saying what is wrong.
 
     - scp: `data_type` ("qa" or "paraphrase"), `questions`, `answers`, `document`.
     - instruct: `question`, `documents`, `answer`.
     - joint: `question`, `documents` (at least `min_documents`: the top-k), `answer`, `positives` (indices into
       documents; empty when unknown).
+    - evaluate: `question`, `documents`, `answers` (every gold alias, from `golden_answers` or `answer`),
+      `positives`.
     """
     if not isinstance(row, dict):
         raise MalformedRowError(f"a row must be a JSON object, got {type(row).__name__}")
-    if stage == "scp":
+    if data_format == "scp":
         data_type = row.get("data_type")
         if data_type not in ("qa", "paraphrase"):
             raise MalformedRowError(f"'data_type' must be 'qa' or 'paraphrase', got {data_type!r}")
@@ -67,18 +72,22 @@ def validate_row(row, stage: str, min_documents: int = 1) -> dict:
         if data_type == "qa" and len(questions) != len(answers):
             raise MalformedRowError(f"{len(questions)} questions but {len(answers)} answers")
         return {"data_type": data_type, "questions": questions, "answers": answers, "document": documents[0]}
-    if stage not in TRAINING_STAGES:
-        raise ValueError(f"Unknown stage {stage!r}; choose from {TRAINING_STAGES}.")
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"Unknown data format {data_format!r}; choose from {DATA_FORMATS}.")
     canonical = {
         "question": _nonempty_string(row.get("question"), "question"),
         "documents": _string_list(row.get("docs"), "docs"),
-        "answer": _answer(row),
     }
+    if data_format == "evaluate":
+        answers = row.get("golden_answers", row.get("answer"))
+        canonical["answers"] = _string_list([answers] if isinstance(answers, str) else answers, "golden_answers")
+    else:
+        canonical["answer"] = _answer(row)
     if len(canonical["documents"]) < min_documents:
         raise MalformedRowError(
             f"{len(canonical['documents'])} candidate documents in 'docs', fewer than the top-k ({min_documents})"
         )
-    if stage == "joint":
+    if data_format in ("joint", "evaluate"):
         positives = row.get("pos_index", [])
         if not isinstance(positives, list) or not all(
             isinstance(i, int) and 0 <= i < len(canonical["documents"]) for i in positives
@@ -88,9 +97,9 @@ def validate_row(row, stage: str, min_documents: int = 1) -> dict:
     return canonical
 
 
-def load_rows(path: str | Path, stage: str, skip_malformed: bool = False, min_documents: int = 1) -> Dataset:
-    """Reads a JSONL file of the stage's reference format into a `datasets.Dataset` of canonical rows (see
-    `validate_row`; `min_documents` applies to stages 2 and 3)."""
+def load_rows(path: str | Path, data_format: str, skip_malformed: bool = False, min_documents: int = 1) -> Dataset:
+    """Reads a JSONL file of one reference format (`DATA_FORMATS`) into a `datasets.Dataset` of canonical rows (see
+    `validate_row`; `min_documents` applies to all but scp)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No data file at {path}.")
@@ -104,7 +113,7 @@ def load_rows(path: str | Path, stage: str, skip_malformed: bool = False, min_do
                     parsed = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise MalformedRowError(f"invalid JSON ({error.msg})") from None
-                rows.append(validate_row(parsed, stage, min_documents))
+                rows.append(validate_row(parsed, data_format, min_documents))
             except MalformedRowError as error:
                 if not skip_malformed:
                     raise MalformedRowError(
@@ -115,5 +124,5 @@ def load_rows(path: str | Path, stage: str, skip_malformed: bool = False, min_do
         summary = "; ".join(f"{count} x {reason}" for reason, count in skipped.most_common())
         logger.warning("Skipped %d malformed row(s) of %s: %s", sum(skipped.values()), path, summary)
     if not rows:
-        raise ValueError(f"{path} holds no usable {stage} rows.")
+        raise ValueError(f"{path} holds no usable {data_format} rows.")
     return Dataset.from_list(rows)

