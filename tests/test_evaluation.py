@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from testing_utils import DOCUMENTS, write_jsonl
 
 from clara_cli.main import main
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
+from testing_utils import DOCUMENTS, write_jsonl
 from trainers import MalformedRowError
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?", "Which river is the largest?"]
