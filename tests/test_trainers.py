@@ -79,16 +79,19 @@ def test_joint_starts_the_query_reasoner_from_the_compressor_and_freezes_the_com
 
 
 def test_gradient_accumulation_matches_one_large_batch(tokenizer, tmp_path):
+    # float64: the normalisation is exact (measured: 1e-12 apart), while float32 rounding of differently shaped
+    # batches, amplified by Adam's normalised steps at lr 1e-2, reaches 2e-4 on QA rows: a machine-dependent margin.
     rows = dataset(scp_rows()[:4], "scp")
     results = []
     for micro_batch, accumulation in ((4, 1), (2, 2), (1, 4)):
-        model = new_model(tokenizer)
+        model = new_model(tokenizer).double()
         config = stage_config(SCPConfig, tmp_path, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=accumulation)
         SCPTrainer(model, config, train_dataset=rows).train()
         results.append(snapshot(model))
+    assert changed_parameters(new_model(tokenizer).double(), results[0])  # training moved the weights
     for other in results[1:]:
         for name, value in results[0].items():
-            torch.testing.assert_close(other[name], value, atol=2e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(other[name], value, atol=1e-9, rtol=0, msg=name)
 
 
 # ---------------------------------------------------------------- checkpoints and bad input
@@ -256,3 +259,21 @@ def test_rows_with_fewer_documents_are_padded_and_masked(tokenizer):
 def test_abbreviated_options_are_not_guessed():
     with pytest.raises(ValueError, match="'--compression_rat'"):
         parse_train_args("scp", ["--compression_rat", "16"])
+
+
+def test_the_generator_prompt_never_depends_on_the_document(tokenizer):
+    """Nothing but the memories may tell the generator which document it is writing about."""
+    from trainers.collators import SCPCollator
+
+    processor = new_model(tokenizer).processor
+    collate = SCPCollator(processor, max_length=512)
+    paraphrase = {"data_type": "paraphrase", "questions": [], "answers": ["The same target."]}
+    qa = {"data_type": "qa", "questions": ["Capital?"], "answers": ["Quvi"]}
+    for row in (paraphrase, qa):
+        batches = []
+        for document in ("Zorland is a country.", "Peltria is a country far away."):
+            torch.manual_seed(0)
+            batches.append(collate([{**row, "document": document}]))
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(batches[0][key], batches[1][key]), key
+        assert not torch.equal(batches[0]["document_input_ids"], batches[1]["document_input_ids"])
