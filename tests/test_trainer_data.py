@@ -73,5 +73,19 @@ def test_empty_or_missing_files_raise(tmp_path):
         load_rows(tmp_path / "absent.jsonl", "scp")
     with pytest.raises(ValueError, match="no usable scp rows"):
         load_rows(write_jsonl(tmp_path / "empty.jsonl", []), "scp")
-    with pytest.raises(ValueError, match="Unknown stage"):
+    with pytest.raises(ValueError, match="Unknown data format"):
         load_rows(write_jsonl(tmp_path / "x.jsonl", instruct_rows()), "pretrain")
+
+
+def test_evaluation_rows_keep_every_gold_alias(tmp_path):
+    rows = [
+        {"question": "Q1?", "docs": ["d1", "d2"], "golden_answers": ["A", "alias"], "pos_index": [1]},
+        {"question": "Q2?", "docs": ["d1"], "answer": "B"},
+        {"question": "Q3?", "docs": ["d1"], "golden_answers": []},
+    ]
+    path = write_jsonl(tmp_path / "eval.jsonl", rows)
+    with pytest.raises(MalformedRowError, match="eval.jsonl:3: 'golden_answers' must be a non-empty list"):
+        load_rows(path, "evaluate")
+    loaded = load_rows(path, "evaluate", skip_malformed=True)
+    assert loaded[0] == {"question": "Q1?", "documents": ["d1", "d2"], "answers": ["A", "alias"], "positives": [1]}
+    assert loaded[1]["answers"] == ["B"] and loaded[1]["positives"] == []
