@@ -31,7 +31,7 @@ from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_
 from evaluation.harness import DenseRanker, bm25_rank, machine_description
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model
 from trainers import InstructConfig, InstructTrainer, SCPConfig, SCPTrainer
-from trainers.collators import PARAPHRASE_INSTRUCTIONS
+from trainers.collators import PARAPHRASE_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,7 @@ class StudyConfig:
     instruct_epochs: float = field(default=1.0, metadata={"help": "Stage-2 epochs."})
     batch_size: int = field(default=32, metadata={"help": "Training rows per step."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of both stages."})
+    mse_weight: float = field(default=0.1, metadata={"help": "Weight of the memory/document MSE (ClaraConfig)."})
     max_length: int = field(default=1024, metadata={"help": "Generator tokens per training row (longer targets are cut)."})
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
@@ -141,14 +142,14 @@ def answer_quality(model: ClaraForRAG, config: StudyConfig, data: dict, baseline
 
 @torch.no_grad()
 def reconstruction(model: ClaraForRAG, config: StudyConfig, passages: list[str], metric) -> dict:
-    """Free generation of each held-out passage from its memories, under one fixed paraphrase instruction, scored
-    against the passage (token F1 over normalised words)."""
+    """Free generation of each held-out passage from its memories, under the training's paraphrase instruction,
+    scored against the passage (token F1 over normalised words)."""
     predictions = []
     for start in range(0, len(passages), config.eval_batch_size):
         chunk = passages[start : start + config.eval_batch_size]
         memories = model.compress_documents(chunk, batch_size=config.eval_batch_size)
         predictions += model.generate_from_compressed(
-            [PARAPHRASE_INSTRUCTIONS[0]] * len(chunk), memories[:, None], max_new_tokens=config.reconstruction_tokens
+            [PARAPHRASE_INSTRUCTION] * len(chunk), memories[:, None], max_new_tokens=config.reconstruction_tokens
         )
     scores = metric.compute(predictions=predictions, references=[[p] for p in passages])
     return {"f1": round(scores["f1"], 2), "example": predictions[0][:300]}
@@ -264,7 +265,8 @@ class Study:
         base, tokenizer = load_base_model(self.config.base)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = ClaraForRAG.from_base_model(
-            base.to(device), tokenizer, compression_rate=rate, doc_max_length=self.config.doc_max_length
+            base.to(device), tokenizer, compression_rate=rate, doc_max_length=self.config.doc_max_length,
+            mse_weight=self.config.mse_weight,
         )
         return model.eval()
 

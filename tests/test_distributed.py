@@ -38,7 +38,7 @@ def run(command, timeout=600):
 @pytest.fixture(scope="module")
 def single_process_run(tiny_base_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("distributed")
-    data = write_jsonl(directory / "scp.jsonl", scp_rows(["qa"])[:4])  # one global batch: every step sees every row
+    data = write_jsonl(directory / "scp.jsonl", scp_rows()[:4])  # one global batch: every step sees every row
     output = directory / "single"
     arguments = common_arguments(tiny_base_dir, data, output) + ["--per_device_train_batch_size", "4"]
     run([sys.executable, "-m", "clara_cli.main", "train", "scp", *arguments])

@@ -97,11 +97,8 @@ FICTIONAL_FACTS = [
 ]
 
 
-def scp_rows(data_types=("qa", "paraphrase")):
-    """Small SCP rows about fictional countries: QA rows and paraphrase rows (or only the `data_types` asked for).
-
-    Paraphrase rows draw their instruction at random: tests that compare runs with different batch layouts (gradient
-    accumulation, several processes) use QA rows only, as they switch dropout off."""
+def scp_rows():
+    """Small SCP rows about fictional countries: QA rows and paraphrase rows."""
     rows = []
     for country, capital, colour in FICTIONAL_FACTS:
         document = f"{country} is a country. Its capital is {capital}. Its flag is {colour}."
@@ -116,7 +113,7 @@ def scp_rows(data_types=("qa", "paraphrase")):
         rows.append(
             {"data_type": "paraphrase", "question": [], "answers": [f"{capital} is the capital of {country}."], "docs": [document]}
         )
-    return [row for row in rows if row["data_type"] in data_types]
+    return rows
 
 
 def instruct_rows():

@@ -6,7 +6,7 @@ import torch
 __all__ = [
     "SCP_QA_SYSTEM_PROMPT",
     "SCP_QA_INSTRUCTION",
-    "PARAPHRASE_INSTRUCTIONS",
+    "PARAPHRASE_INSTRUCTION",
     "SCPCollator",
     "InstructCollator",
     "JointCollator",
@@ -17,29 +17,11 @@ SCP_QA_SYSTEM_PROMPT = (
     "of the document and answer them."
 )
 SCP_QA_INSTRUCTION = "Generate questions that cover all key information of the document, and answer them."
-PARAPHRASE_INSTRUCTIONS = (
-    "Paraphrase the document.",
-    "Rewrite the background in your own words.",
-    "Restate the document, keeping all of its information.",
-    "Write the document again with different wording.",
-    "Reproduce the content of the background in other words.",
-    "Rephrase the document concisely without losing any fact.",
-    "Express the information of the document differently.",
-    "Give a faithful rewording of the background.",
-    "Summarise the document without leaving out any information.",
-    "Reformulate the document.",
-    "Rewrite the document so that it says the same with other words.",
-    "Retell the background, keeping every detail.",
-)
-
-
-def _paraphrase_instruction() -> str:
-    """One of the templates, drawn at random (torch's generator, so seeded runs and resumed runs repeat it).
-
-    Never chosen from the document: an instruction that depends on the document tells the generator which
-    document to write without the memories (a side channel that measured F1 75.5 on memorised passages).
-    """
-    return PARAPHRASE_INSTRUCTIONS[int(torch.randint(len(PARAPHRASE_INSTRUCTIONS), ()))]
+# One instruction for every paraphrase (and reconstruction) row. It must not depend on the document: an
+# instruction chosen from the document (the reference draws one of a dozen) tells the generator which document to
+# write without reading the memories, a side channel measured at token F1 75.5 on memorised passages. A random draw
+# would close it too, but would make runs depend on how rows are batched and resumed.
+PARAPHRASE_INSTRUCTION = "Restate the document, keeping all of its information."
 
 
 def _document_tensors(processor, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
@@ -89,7 +71,7 @@ class SCPCollator:
                 targets.append("\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(row["questions"], row["answers"])))
                 system_prompts.append(SCP_QA_SYSTEM_PROMPT)
             else:
-                instructions.append(_paraphrase_instruction())
+                instructions.append(PARAPHRASE_INSTRUCTION)
                 targets.append(row["answers"][0])
                 system_prompts.append(None)
         batch = self.processor.tokenize_for_generation(
