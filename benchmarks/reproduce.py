@@ -55,16 +55,16 @@ class StudyConfig:
     questions_per_passage: int = field(default=3, metadata={"help": "Held-out questions per held-out passage."})
     negatives: int = field(default=9, metadata={"help": "BM25 hard negatives per retrieval question."})
     scp_epochs: float = field(default=3.0, metadata={"help": "Stage-1 epochs."})
-    instruct_epochs: float = field(default=1.0, metadata={"help": "Stage-2 epochs."})
-    batch_size: int = field(default=32, metadata={"help": "Training rows per step."})
+    instruct_epochs: float = field(default=0.5, metadata={"help": "Stage-2 epochs."})
+    batch_size: int = field(default=16, metadata={"help": "Training rows per step (32 ran out of H200 memory)."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of both stages."})
     mse_weight: float = field(default=0.1, metadata={"help": "Weight of the memory/document MSE (ClaraConfig)."})
-    max_length: int = field(default=1024, metadata={"help": "Generator tokens per training row (longer targets are cut)."})
+    max_length: int = field(default=768, metadata={"help": "Generator tokens per training row (longer targets are cut)."})
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
     reconstruction_tokens: int = field(default=160, metadata={"help": "Tokens per reconstructed passage."})
     eval_batch_size: int = field(default=64, metadata={"help": "Questions per generation batch."})
-    time_budget_s: float = field(default=460.0, metadata={"help": "Phases that would start after this are skipped."})
+    time_budget_s: float = field(default=390.0, metadata={"help": "Phases that would start after this are skipped."})
     seed: int = field(default=0, metadata={"help": "Split seed."})
     export_dir: str | None = field(
         default=None, metadata={"help": "Also save the first rate's stage-2 adapters (bf16 safetensors) here."}
@@ -238,12 +238,12 @@ def train_stage(trainer_class, config_class, model, settings: dict, train_file: 
 
 
 class Study:
-    def __init__(self, config: StudyConfig):
+    def __init__(self, config: StudyConfig, command: str = ""):
         self.config = config
         self.output = Path(config.output_dir)
         self.output.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
-        self.results = {"settings": asdict(config), "machine": machine_description(),
+        self.results = {"settings": asdict(config), "command": command, "machine": machine_description(),
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "answers": {}, "reconstruction": {}, "memories": {}, "retrieval": {}, "training": {},
                         "skipped": []}
@@ -347,8 +347,7 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         "# Reproduction study: do compressed memories carry the passage?",
         "",
         f"Run {results['date']} on {results['machine']['device']} ({results['machine']['platform']}, torch "
-        f"{results['machine']['torch']}), {results['elapsed_s']} s, by `python benchmarks/reproduce.py"
-        f"{' --quick' if settings['quick'] else ''}`. Base {settings['base']}; {counts.get('train_passages')} train / "
+        f"{results['machine']['torch']}), {results['elapsed_s']} s, by `{results['command']}`. Base {settings['base']}; {counts.get('train_passages')} train / "
         f"{counts.get('held_out_passages')} held-out passages of the reference SCP sample (seed {settings['seed']}); "
         f"{counts.get('eval_questions')} held-out questions; documents of {settings['doc_max_length']} tokens.",
         "",
@@ -428,7 +427,8 @@ def main(argv=None) -> int:
     if config.render_only:
         results = json.loads(Path(config.render_only).read_text())
     else:
-        results = Study(config).run()
+        command = " ".join(["python benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
+        results = Study(config, command).run()
     path = write_docs(results, Path(config.docs_dir))
     print(path.read_text())
     return 0

@@ -73,13 +73,16 @@ def test_each_stage_learns_and_stage_3_learns_to_retrieve_without_labels(tokeniz
     assert losses[-1] < 0.3 * losses[0], losses
 
     instruct = [{"question": f"Code of {d.split(':')[0]}?", "docs": [d], "answer": d[:-1].split(": ")[1]} for d in facts]
-    config = stage_config(InstructConfig, tmp_path, max_steps=60, generator_init="keep", **common)
+    # Long enough that the generator relies on the memories: stage 3's only signal is how much worse it answers from
+    # a wrong document (at 60 steps the signal was too weak for stage 3 to learn reliably).
+    config = stage_config(InstructConfig, tmp_path, max_steps=150, generator_init="keep", **common)
     trainer = InstructTrainer(model, config, train_dataset=dataset(instruct, "instruct"))
     trainer.train()
     losses = logged(trainer, "lm_loss")
     assert losses[-1] < 0.3 * losses[0], losses
 
-    # Stage 3 with a fresh query reasoner: retrieval starts at or below chance (1 in 4).
+    # Stage 3 with a fresh query reasoner (the bare base: the question and the fact share the country's name, so it
+    # starts somewhat above chance, 1 in 4).
     config = stage_config(
         JointConfig, tmp_path, max_steps=100, query_reasoner_init="keep", **{**common, "learning_rate": 1e-3}
     )
@@ -93,6 +96,6 @@ def test_each_stage_learns_and_stage_3_learns_to_retrieve_without_labels(tokeniz
     trainer.train()
     loss_after = trainer.evaluate()["eval_loss"]
     recall_after = logged(trainer, "eval_recall@1")[-1]
-    assert loss_after < loss_before, (loss_before, loss_after)  # mostly template tokens, learnt in stage 2
-    assert recall_before <= 0.3, recall_before
-    assert recall_after >= 0.5 and recall_after >= recall_before + 0.25, (recall_before, recall_after)
+    assert loss_after < loss_before, (loss_before, loss_after)
+    # Measured 0.42 -> 0.89 (eval loss 0.63 -> 0.07).
+    assert recall_after >= 0.6 and recall_after >= recall_before + 0.25, (recall_before, recall_after)
