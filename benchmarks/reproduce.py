@@ -423,7 +423,6 @@ def main(argv=None) -> int:
     parser = HfArgumentParser(StudyConfig, allow_abbrev=False, description=__doc__.split("\n\n")[0])
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # one debug line per ranked question otherwise
     if config.render_only:
         results = json.loads(Path(config.render_only).read_text())
     else:

@@ -138,10 +138,13 @@ class DenseRanker:
 
 
 def bm25_rank(question: str, documents: list[str]) -> list[int]:
+    """Indices of `documents`, best first, by BM25 (bm25s, English stopwords) over these documents alone."""
     try:
         import bm25s
     except ImportError as error:
         raise ImportError("The bm25 baseline needs `pip install bm25s`.") from error
+    # bm25s sets its own logger to DEBUG when imported: one line per ranked question otherwise.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(documents, stopwords="en", show_progress=False), show_progress=False)
     query = bm25s.tokenize([question], stopwords="en", show_progress=False)
@@ -244,6 +247,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
 
 
 def machine_description() -> dict:
+    """Platform, Python, torch, the device and the CPU threads, for reports."""
     machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
     machine["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     machine["cpu_threads"] = torch.get_num_threads()
