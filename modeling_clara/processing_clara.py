@@ -77,6 +77,8 @@ class ClaraProcessor(ProcessorMixin):
         user_prompt_template: str = DEFAULT_USER_PROMPT_TEMPLATE,
         **kwargs,
     ):
+        if tokenizer is None:
+            raise ValueError("ClaraProcessor needs a tokenizer (see ClaraProcessor.from_base_tokenizer).")
         if doc_max_length < 1:
             raise ValueError(f"doc_max_length must be >= 1, got {doc_max_length}.")
         for placeholder in ("{documents}", "{question}"):

@@ -83,6 +83,17 @@ def test_save_without_a_processor_writes_nothing(clara, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_processor_settings_are_checked(tokenizer, clara):
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        ClaraProcessor()
+    with pytest.raises(ValueError, match="lacks CLaRa's tokens"):
+        ClaraProcessor(tokenizer)
+    with pytest.raises(ValueError, match="must contain \\{documents\\}"):
+        ClaraProcessor(clara.processor.tokenizer, user_prompt_template="Question: {question}")
+    with pytest.raises(ValueError, match="doc_max_length"):
+        ClaraProcessor(clara.processor.tokenizer, doc_max_length=0)
+
+
 def test_a_processor_of_another_layout_is_refused(clara, tokenizer):
     other = ClaraProcessor.from_base_tokenizer(tokenizer, num_memory_tokens=2, doc_max_length=16)
     with pytest.raises(ValueError, match="memory_token_ids"):
