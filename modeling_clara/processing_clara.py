@@ -216,9 +216,13 @@ class ClaraProcessor(ProcessorMixin):
         sequences, label_sequences = [], []
         question_ids = self._text_ids(list(questions))
         answer_ids = self._text_ids(list(answers)) if answers is not None else [None] * len(questions)
+        # The template is rendered and its own text tokenized once per distinct system prompt, not once per row.
+        templates = {
+            prompt: self._template(prompt, with_answer=answers is not None) for prompt in dict.fromkeys(system_prompts)
+        }
         for i in range(len(questions)):
             texts = {_DOCUMENTS: slots[i], _QUESTION: question_ids[i], _ANSWER: answer_ids[i]}
-            prompt, answer_part = self._render(system_prompts[i], with_answer=answers is not None)
+            prompt, answer_part = templates[system_prompts[i]]
             prompt_ids = self._fill(prompt, texts)
             if answers is None:
                 sequences.append(prompt_ids)
@@ -238,6 +242,15 @@ class ClaraProcessor(ProcessorMixin):
         if answers is not None:
             batch["labels"] = left_pad(label_sequences, -100)["input_ids"]
         return batch
+
+    def _template(self, system_prompt: str | None, with_answer: bool) -> tuple[list, list]:
+        """The chat template rendered around the slot stand-ins, cut at them, its own text tokenized with control
+        tokens: `(prompt up to the assistant turn, the rest)`, each a list of token-id lists and slot stand-ins."""
+        return tuple(
+            [piece if _SLOT.fullmatch(piece) else self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+             for piece in _SLOT.split(rendered) if piece]
+            for rendered in self._render(system_prompt, with_answer)
+        )
 
     def _render(self, system_prompt: str | None, with_answer: bool) -> tuple[str, str]:
         """The chat template rendered around the slot stand-ins: `(prompt up to the assistant turn, the rest)`."""
@@ -263,14 +276,12 @@ class ClaraProcessor(ProcessorMixin):
         ends_with_question = conversation[-1]["role"] == "user"
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=ends_with_question)
 
-    def _fill(self, rendered: str, slot_ids: dict[str, list[int]]) -> list[int]:
-        """Token ids of a rendered template: its own text tokenized with control tokens, each slot's ids as given."""
+    @staticmethod
+    def _fill(template: list, slot_ids: dict[str, list[int]]) -> list[int]:
+        """Token ids of a template from `_template`: its own ids, and each slot's ids as given."""
         ids = []
-        for piece in _SLOT.split(rendered):
-            if piece in slot_ids:
-                ids += slot_ids[piece]
-            elif piece:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        for piece in template:
+            ids += slot_ids[piece] if isinstance(piece, str) else piece
         return ids
 
     def batch_decode(self, token_ids, **kwargs) -> list[str]:
