@@ -43,6 +43,9 @@ class SynthesizeArguments:
     text_field: str | None = field(
         default=None, metadata={"help": "JSONL field with the passage (default: text/contents/document/passage/docs)."}
     )
+    id_field: str = field(
+        default="id", metadata={"help": "JSONL field with the passage id (ids must be unique; default: made from the text)."}
+    )
     shard: str = field(default="0/1", metadata={"help": "i/n: process only this machine's share of the passages."})
 
 
@@ -133,7 +136,13 @@ def _synthesize(argv: list[str]) -> int:
 
     from transformers import HfArgumentParser
 
-    from data_synthesis import BackendConfig, SynthesisConfig, backend_from_config, run_synthesis
+    from data_synthesis import (
+        BackendConfig,
+        BackendUnavailableError,
+        SynthesisConfig,
+        backend_from_config,
+        run_synthesis,
+    )
 
     parser = HfArgumentParser(
         (SynthesizeArguments, BackendConfig, SynthesisConfig),
@@ -146,14 +155,19 @@ def _synthesize(argv: list[str]) -> int:
     if not (shard_index.isdigit() and num_shards.isdigit()):
         raise SystemExit(f"--shard must look like i/n, got {args.shard!r}.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = run_synthesis(
-        args.input,
-        args.output,
-        backend_from_config(backend_config),
-        synthesis_config,
-        shard=(int(shard_index), int(num_shards)),
-        text_field=args.text_field,
-    )
+    try:
+        report = run_synthesis(
+            args.input,
+            args.output,
+            backend_from_config(backend_config),
+            synthesis_config,
+            shard=(int(shard_index), int(num_shards)),
+            text_field=args.text_field,
+            id_field=args.id_field,
+        )
+    except BackendUnavailableError as error:
+        print(f"clara synthesize: error: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(report, indent=2))
     return 0
 

@@ -1,14 +1,17 @@
 """LLM backends: a local transformers model, or any OpenAI-compatible chat-completions endpoint.
 
-A backend takes a batch of `GenerationRequest`s and returns one text per request, in order. A request that fails
-for good returns an empty string (the pipeline counts it as an unparseable response) instead of stopping the run.
+A backend takes a batch of `GenerationRequest`s and returns one text per request, in order. A request the server
+refuses on its own merits (HTTP 400, 413, 422: e.g. too long for its context) or answers with a malformed body
+returns an empty string, which the pipeline counts; a server that cannot be reached, keeps failing after the retries,
+or refuses every request (401, 403, 404) raises `BackendUnavailableError`, which stops the run: nothing unfinished is
+recorded as done.
 """
 
 import json
 import logging
 import os
 import random
-import time
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +19,24 @@ from dataclasses import dataclass, field
 
 from modeling_clara import load_base_model
 
-__all__ = ["BackendConfig", "GenerationRequest", "LLMBackend", "HFBackend", "OpenAIBackend", "backend_from_config"]
+__all__ = [
+    "BackendConfig",
+    "BackendUnavailableError",
+    "GenerationRequest",
+    "LLMBackend",
+    "HFBackend",
+    "OpenAIBackend",
+    "backend_from_config",
+]
 
 logger = logging.getLogger(__name__)
+
+# HTTP answers that say the endpoint, key or model is wrong: every request would get them, so the run stops.
+FATAL_HTTP_STATUSES = (401, 403, 404)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend cannot serve requests (unreachable, failing after every retry, or refusing the key/model)."""
 
 
 @dataclass
@@ -157,10 +175,18 @@ class OpenAIBackend(LLMBackend):
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r})"
 
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
+        stop = threading.Event()  # set when one request fails for good: the others stop retrying
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._complete, requests))
+            futures = [pool.submit(self._complete, request, stop) for request in requests]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                raise
 
-    def _complete(self, request: GenerationRequest) -> str:
+    def _complete(self, request: GenerationRequest, stop: threading.Event) -> str:
         body = json.dumps(
             {
                 "model": self.model,
@@ -174,28 +200,44 @@ class OpenAIBackend(LLMBackend):
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         for attempt in range(self.max_retries + 1):
+            if stop.is_set():
+                raise BackendUnavailableError(f"{self.url}: stopped, another request failed for good.")
             try:
                 http_request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(http_request, timeout=self.timeout) as response:
                     payload = json.loads(response.read())
                 return payload["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as error:
-                retryable = error.code == 429 or error.code >= 500
+                if error.code in FATAL_HTTP_STATUSES:
+                    raise BackendUnavailableError(
+                        f"{self.url} answered HTTP {error.code} ({error.reason}): check the URL, the model name "
+                        f"({self.model!r}) and the API key (environment variable {self.api_key_env})."
+                    ) from None
+                if not (error.code == 429 or error.code >= 500):
+                    logger.warning("Request to %s refused (HTTP %d); counted, the run goes on.", self.url, error.code)
+                    return ""
                 reason = f"HTTP {error.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                retryable, reason = True, type(error).__name__
+                reason = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
             except (KeyError, IndexError, TypeError, json.JSONDecodeError):
-                retryable, reason = False, "malformed response body"
-            if not retryable or attempt == self.max_retries:
-                logger.warning("Request to %s failed for good (%s) after %d attempt(s).", self.url, reason, attempt + 1)
+                logger.warning("Request to %s got a malformed response body; counted, the run goes on.", self.url)
                 return ""
-            delay = self.backoff * 2**attempt * (1 + random.random())
-            logger.info("Request to %s failed (%s); retrying in %.1fs.", self.url, reason, delay)
-            time.sleep(delay)
-        return ""
+            if attempt < self.max_retries:
+                delay = self.backoff * 2**attempt * (1 + random.random())
+                logger.info("Request to %s failed (%s); retrying in %.1fs.", self.url, reason, delay)
+                stop.wait(delay)
+        raise BackendUnavailableError(
+            f"{self.url} failed {self.max_retries + 1} time(s) in a row ({reason}): is the server running and reachable?"
+        )
 
     def describe(self) -> dict:
-        return {"backend": "openai", "url": self.url, "model": self.model, "temperature": self.temperature}
+        return {
+            "backend": "openai",
+            "url": self.url,
+            "model": self.model,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+        }
 
 
 def backend_from_config(config: BackendConfig) -> LLMBackend:

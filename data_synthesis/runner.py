@@ -3,11 +3,16 @@
 Output files, for `--output out.jsonl`:
 - `out.jsonl`: the SCP rows (reference format plus `passage_id` and `coverage`), appended as passages finish.
 - `out.jsonl.done`: one line per finished passage with its statistics, written after its rows.
-- `out.jsonl.meta.json`: prompt version and fingerprint, backend, settings.
+- `out.jsonl.meta.json`: prompt version and fingerprint, backend, settings, input fields, shard, and each run's
+  start time and backend.
 - `out.jsonl.stats.json`: the statistics report over every finished passage.
 
 A restart drops the rows of passages without a `.done` line (and any half-written last line) and redoes only
-those passages, so a run killed at any moment ends with each passage's rows exactly once.
+those passages, so a run killed at any moment ends with each passage's rows exactly once. A restart must use the
+settings of the first run (prompts, model, generation and pipeline settings, input fields, shard; only the server
+URL and `passages_per_batch` may change): otherwise it is refused, naming what differs. A backend that stops
+answering stops the run (`BackendUnavailableError`) with the passages finished so far kept and nothing unfinished
+marked done.
 """
 
 import hashlib
@@ -16,11 +21,14 @@ import logging
 import os
 from collections import Counter
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .backends import LLMBackend
+from modeling_clara.jsonl import read_jsonl
+
+from .backends import BackendUnavailableError, LLMBackend
 from .pipeline import SynthesisConfig, synthesize_passages
 from .prompts import PROMPT_VERSION, PROMPTS, SYSTEM, prompts_fingerprint
 
@@ -62,27 +70,31 @@ def read_passages(source, text_field: str | None = None, id_field: str = "id", c
         if not path.is_file():
             raise FileNotFoundError(f"No input at {path}.")
         if path.suffix == ".txt":
-            blocks = path.read_text(encoding="utf-8").split("\n\n")
-            for index, block in enumerate(blocks):
+            for index, block in enumerate(_read_text(path).split("\n\n")):
                 if not block.strip():
                     counts["empty_passage"] += 1
                     continue
                 yield {"id": f"{path.name}:{index}", "text": " ".join(block.split())}
             return
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    counts["malformed_input_line"] += 1
-                    logger.warning("%s:%d is not valid JSON; skipped.", path, line_number)
-                    continue
-                yield from _passage_from_row(row, text_field, id_field, counts, f"{path}:{line_number}")
+        for line_number, row, problem in read_jsonl(path):
+            if problem:
+                counts["malformed_input_line"] += 1
+                logger.warning("%s:%d is %s; skipped.", path, line_number, problem)
+                continue
+            yield from _passage_from_row(row, text_field, id_field, counts, f"{path}:{line_number}")
         return
     for index, row in enumerate(source):
         yield from _passage_from_row(row, text_field, id_field, counts, f"row {index}")
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file (a leading byte-order mark dropped); a byte that is not UTF-8 raises, naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[error.start]:02x}); convert the file to UTF-8.") from None
 
 
 def _passage_from_row(row, text_field, id_field, counts, where):
@@ -153,21 +165,53 @@ def run_synthesis(
         "prompts": {"system": SYSTEM, **PROMPTS},
         "backend": backend.describe(),
         "settings": asdict(config),
+        "input": {"text_field": text_field, "id_field": id_field},
         "shard": f"{shard_index}/{num_shards}",
     }
+    run = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "backend": meta["backend"]}
+    runs = [run]
     if meta_path.exists():
         previous = json.loads(meta_path.read_text())
-        if previous.get("prompt_fingerprint") != meta["prompt_fingerprint"]:
+        differences = _differences(previous, meta)
+        if differences:
             raise ValueError(
-                f"{output} was started with prompt version {previous.get('prompt_version')} "
-                f"({previous.get('prompt_fingerprint')}); this run has {PROMPT_VERSION} ({meta['prompt_fingerprint']}). "
-                "Use a new output file."
+                f"{output} was started with other settings than this run's: {'; '.join(differences)}. Resume with "
+                "the first run's settings (see its .meta.json), or use a new output file."
             )
-    meta_path.write_text(json.dumps(meta, indent=2))
-
-    # Recover: only passages with a .done line are finished; drop any other rows.
+        runs = previous.get("runs", []) + runs
     summaries = [json.loads(line) for line in _read_complete_lines(done_path)[0]]
     finished = {summary["passage_id"] for summary in summaries}
+
+    input_counts = Counter()
+    pending, seen, texts = [], set(finished), {}
+    for passage in read_passages(source, text_field, id_field, input_counts):
+        input_counts["passages"] += 1
+        windows = split_into_windows(passage, config.window_words, config.window_overlap)
+        input_counts["split_into_windows"] += len(windows) > 1
+        for window in windows:
+            window_id, digest = window["id"], hashlib.sha1(window["text"].encode("utf-8")).digest()
+            if texts.setdefault(window_id, digest) != digest:
+                raise ValueError(
+                    f"Two different passages of {source} have the id {window_id!r}: ids must be unique (fix the "
+                    f"input, or pass another id field; without one, ids are made from the text)."
+                )
+            if shard_of(window_id, num_shards) != shard_index:
+                input_counts["other_shard"] += 1
+            elif window_id in seen:
+                input_counts["already_done" if window_id in finished else "duplicate_passage"] += 1
+            else:
+                seen.add(window_id)
+                pending.append(window)
+    if not input_counts["passages"]:
+        raise ValueError(f"No passages in {source} ({dict(input_counts) or 'nothing read'}): nothing to synthesize.")
+    skipped = {reason: input_counts[reason] for reason in ("malformed_input_line", "empty_passage", "duplicate_passage")}
+    if any(skipped.values()):
+        logger.warning("Input lines skipped: %s.", ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n))
+    logger.info("%d passage(s) to synthesize, %d already done.", len(pending), len(finished))
+
+    # The input is good: record this run, then recover (only passages with a .done line are finished; drop any
+    # other rows).
+    meta_path.write_text(json.dumps({**meta, "runs": runs}, indent=2))
     rows, rows_text = _read_complete_lines(output)
     kept_text = "".join(line + "\n" for line in rows if json.loads(line)["passage_id"] in finished)
     if rows_text != kept_text:
@@ -175,34 +219,49 @@ def run_synthesis(
         output.write_text(kept_text, encoding="utf-8")
     done_path.write_text("".join(json.dumps(s) + "\n" for s in summaries), encoding="utf-8")
 
-    input_counts = Counter()
-    pending, seen = [], set(finished)
-    for passage in read_passages(source, text_field, id_field, input_counts):
-        windows = split_into_windows(passage, config.window_words, config.window_overlap)
-        input_counts["split_into_windows"] += len(windows) > 1
-        for window in windows:
-            if shard_of(window["id"], num_shards) != shard_index:
-                input_counts["other_shard"] += 1
-            elif window["id"] in seen:
-                input_counts["already_done" if window["id"] in finished else "duplicate_passage_id"] += 1
-            else:
-                seen.add(window["id"])
-                pending.append(window)
-    logger.info("%d passage(s) to synthesize, %d already done.", len(pending), len(finished))
-
+    done_this_run = 0
     with output.open("a", encoding="utf-8") as rows_file, done_path.open("a", encoding="utf-8") as done_file:
         progress = tqdm(total=len(pending), unit="passage", desc="Synthesizing", disable=not show_progress)
-        for start in range(0, len(pending), config.passages_per_batch):
-            for result in synthesize_passages(pending[start : start + config.passages_per_batch], backend, config):
-                _append(rows_file, [json.dumps(row, ensure_ascii=False) for row in result.rows()])
-                _append(done_file, [json.dumps(result.summary())])
-                summaries.append(result.summary())
-                progress.update(1)
-        progress.close()
+        try:
+            for start in range(0, len(pending), config.passages_per_batch):
+                for result in synthesize_passages(pending[start : start + config.passages_per_batch], backend, config):
+                    _append(rows_file, [json.dumps(row, ensure_ascii=False) for row in result.rows()])
+                    _append(done_file, [json.dumps(result.summary())])
+                    summaries.append(result.summary())
+                    done_this_run += 1
+                    progress.update(1)
+        except BackendUnavailableError as error:
+            stats_path.write_text(json.dumps(_report(summaries, input_counts), indent=2))
+            raise BackendUnavailableError(
+                f"{error} The run stopped: {done_this_run} passage(s) were finished and saved in this run, "
+                f"{len(pending) - done_this_run} are left; rerun the same command to resume."
+            ) from error
+        finally:
+            progress.close()
 
     report = _report(summaries, input_counts)
     stats_path.write_text(json.dumps(report, indent=2))
     return report
+
+
+# Settings a resumed run may change: they do not change what is written.
+RESUMABLE_CHANGES = {"backend.url", "settings.passages_per_batch"}
+
+
+def _differences(previous: dict, current: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every setting of `current` (nested keys joined by dots) that `previous` records
+    otherwise, except `RESUMABLE_CHANGES`; the prompts are compared by their fingerprint."""
+    differences = []
+    for key, value in current.items():
+        name = f"{prefix}{key}"
+        if name in RESUMABLE_CHANGES or name in ("prompts", "prompt_version"):
+            continue
+        old = previous.get(key, "(not recorded)")
+        if isinstance(value, dict) and isinstance(old, dict):
+            differences += _differences(old, value, f"{name}.")
+        elif old != value:
+            differences.append(f"{name}: {old!r} -> {value!r}")
+    return differences
 
 
 def _report(summaries: list[dict], input_counts: Counter) -> dict:

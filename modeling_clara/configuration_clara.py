@@ -4,6 +4,7 @@ This file is copied to the Hub next to `modeling_clara.py` (remote code): it may
 transformers and the standard library.
 """
 
+import math
 from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
@@ -84,14 +85,14 @@ class ClaraConfig(PreTrainedConfig):
     doc_max_length: int = 256
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.1
+    lora_dropout: float | int = 0.1  # ints (0, 1) are accepted and stored as floats, like JSON writes them
     lora_target_modules: str | list[str] = "all-linear"
     compressor_adapter: str = "compressor"
     query_reasoner_adapter: str = "query_reasoner"
     generator_adapter: str = "generator"
-    retrieval_temperature: float = 0.02
+    retrieval_temperature: float | int = 0.02
     generation_top_k: int = 5
-    mse_weight: float = 0.1
+    mse_weight: float | int = 0.1
     training_stage: TrainingStage | None = None
     memory_token_ids: list[int] | None = None
     encoder_token_id: int | None = None
@@ -105,6 +106,11 @@ class ClaraConfig(PreTrainedConfig):
         self.validate_clara_fields()
 
     def validate_clara_fields(self):
+        for name in ("lora_dropout", "retrieval_temperature", "mse_weight"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
+            setattr(self, name, value)
         if self.compression_rate < 1:
             raise ValueError(f"compression_rate must be >= 1, got {self.compression_rate}.")
         if self.doc_max_length < 1:
@@ -129,6 +135,12 @@ class ClaraConfig(PreTrainedConfig):
             raise ValueError(f"mse_weight must be >= 0, got {self.mse_weight}.")
         if self.training_stage is not None and self.training_stage not in TRAINING_STAGES:
             raise ValueError(f"training_stage must be None or one of {TRAINING_STAGES}, got {self.training_stage!r}.")
+        context = getattr(self.text_config, "max_position_embeddings", None)
+        if context is not None and 1 + self.doc_max_length + self.num_memory_tokens > context:
+            raise ValueError(
+                f"doc_max_length={self.doc_max_length} does not fit the base model's context ({context} positions) "
+                f"with <ENC> and {self.num_memory_tokens} memory tokens."
+            )
         if self.memory_token_ids is not None and len(self.memory_token_ids) != self.num_memory_tokens:
             raise ValueError(
                 f"memory_token_ids has {len(self.memory_token_ids)} ids but doc_max_length // compression_rate "

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,14 @@ ADAPTER_COMPONENTS = ("compressor", "query_reasoner", "generator")
 COMPONENTS = (*ADAPTER_COMPONENTS, "added_token_embeddings")
 # ClaraProcessor settings that `from_base_model` accepts beside the ClaraConfig fields.
 PROCESSOR_SETTINGS = ("system_prompt", "user_prompt_template")
+# What `save_pretrained` writes and `from_pretrained` needs, by part: any one file of each group.
+CHECKPOINT_FILES = {
+    "config": ("config.json",),
+    "weights": ("model.safetensors", "model.safetensors.index.json"),
+    "processor": ("processor_config.json",),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json"),
+    "generation config": ("generation_config.json",),
+}
 
 
 @dataclass
@@ -284,6 +293,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Loads a saved CLaRa: every saved adapter is restored exactly, or this raises naming what is missing."""
+        _check_local_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -623,10 +633,10 @@ class ClaraForRAG(ClaraPreTrainedModel):
         Returns:
             `(scores [Q, k], indices [Q, k])`, best first.
         """
-        queries = self.encode_queries(questions)
-        scores = cosine_scores(queries, memories)
-        if not 1 <= k <= scores.shape[-1]:
-            raise ValueError(f"k={k} must be between 1 and the number of candidate documents ({scores.shape[-1]}).")
+        num_candidates = memories.shape[-3] if memories.dim() >= 3 else 0
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_candidates:
+            raise ValueError(f"k={k!r} must be between 1 and the number of candidate documents ({num_candidates}).")
+        scores = cosine_scores(self.encode_queries(questions), memories)
         return scores.topk(k, dim=-1)
 
     @torch.no_grad()
@@ -652,9 +662,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if len(selected_memories) != len(questions):
             raise ValueError(f"{len(questions)} questions but selected memories for {len(selected_memories)}.")
         for i, memories in enumerate(selected_memories):
-            if memories.dim() != 3 or memories.shape[1] != self.config.num_memory_tokens:
+            if memories.dim() != 3 or memories.shape[0] == 0 or memories.shape[1] != self.config.num_memory_tokens:
                 raise ValueError(
-                    f"Selected memories of question {i} must be [k, {self.config.num_memory_tokens}, hidden], "
+                    f"Selected memories of question {i} must be [k >= 1, {self.config.num_memory_tokens}, hidden], "
                     f"got {tuple(memories.shape)}."
                 )
         batch = self.processor.tokenize_for_generation(questions, [len(m) for m in selected_memories])
@@ -686,6 +696,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError(f"{len(questions)} questions but {len(documents)} document lists.")
         if isinstance(documents[0], str):
             raise ValueError("documents must be one list of candidate documents per question.")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"k={k!r}: the generator reads at least one document (k >= 1).")
         for i, candidates in enumerate(documents):
             if not candidates:
                 raise ValueError(f"Question {i} has no candidate documents.")
@@ -720,6 +732,25 @@ class ClaraForRAG(ClaraPreTrainedModel):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config, **other_kwargs
         )
         return self.processor.batch_decode(generated)
+
+
+def _check_local_checkpoint(path, subfolder: str = "") -> None:
+    """A local checkpoint folder must exist and hold every part `save_pretrained` writes; hub ids are left to the
+    hub client. Without this, a missing file surfaces as an unrelated error (a hub URL, a tokenizer library)."""
+    looks_local = str(path).startswith((".", "~")) or Path(path).is_absolute() or Path(path).exists()
+    path = Path(path).expanduser()
+    if not looks_local:
+        return
+    folder = path / subfolder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No CLaRa checkpoint at {folder}: the folder does not exist.")
+    missing = [f"{part} ({' or '.join(names)})" for part, names in CHECKPOINT_FILES.items()
+               if not any((folder / name).is_file() for name in names)]
+    if missing:
+        raise FileNotFoundError(
+            f"The CLaRa checkpoint at {folder} is incomplete: it lacks the {', the '.join(missing)}. A complete one is "
+            "written by ClaraForRAG.save_pretrained (and by every training stage)."
+        )
 
 
 def _gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):

@@ -14,6 +14,7 @@ the standard library.
 import copy
 import logging
 import re
+import string
 from collections.abc import Sequence
 
 import torch
@@ -81,13 +82,28 @@ class ClaraProcessor(ProcessorMixin):
             raise ValueError("ClaraProcessor needs a tokenizer (see ClaraProcessor.from_base_tokenizer).")
         if doc_max_length < 1:
             raise ValueError(f"doc_max_length must be >= 1, got {doc_max_length}.")
-        for placeholder in ("{documents}", "{question}"):
-            if placeholder not in user_prompt_template:
-                raise ValueError(f"user_prompt_template must contain {placeholder}.")
+        try:
+            placeholders = [
+                name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+                for _, name, spec, conversion in string.Formatter().parse(user_prompt_template)
+                if name is not None
+            ]
+        except ValueError as error:  # a lone brace
+            raise ValueError(f"user_prompt_template: {error}; write a literal brace as {{{{ or }}}}.") from None
+        if sorted(placeholders) != ["documents", "question"]:
+            raise ValueError(
+                "user_prompt_template must hold the placeholders {documents} and {question} once each and no other "
+                f"(a literal brace is written {{{{ or }}}}), got {placeholders}."
+            )
         self.doc_max_length = doc_max_length
         self.system_prompt = system_prompt
         self.user_prompt_template = user_prompt_template
         super().__init__(tokenizer, **kwargs)
+        if not tokenizer.chat_template:
+            raise ValueError(
+                "The tokenizer has no chat template: the generator's prompt is built with it. Set "
+                "tokenizer.chat_template (a saved processor keeps it in chat_template.jinja)."
+            )
         vocabulary = tokenizer.get_vocab()
         missing = [token for token in (memory_token(0), ENCODER_TOKEN, SEPARATOR_TOKEN) if token not in vocabulary]
         if missing:

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -88,10 +89,29 @@ def test_processor_settings_are_checked(tokenizer, clara):
         ClaraProcessor()
     with pytest.raises(ValueError, match="lacks CLaRa's tokens"):
         ClaraProcessor(tokenizer)
-    with pytest.raises(ValueError, match="must contain \\{documents\\}"):
-        ClaraProcessor(clara.processor.tokenizer, user_prompt_template="Question: {question}")
     with pytest.raises(ValueError, match="doc_max_length"):
         ClaraProcessor(clara.processor.tokenizer, doc_max_length=0)
+    without_template = copy.deepcopy(clara.processor.tokenizer)
+    without_template.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        ClaraProcessor(without_template)
+
+
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        ("Question: {question}", r"got \['question'\]"),
+        ("{documents} {question} {context}", "'context'"),  # would fail only when generating
+        ("{documents} {question} {0}", "'0'"),
+        ("{documents} {question} {", "Single '{'"),
+        ("{{documents}} {question}", r"got \['question'\]"),  # escaped: a literal, no slot
+        ("{documents} {question!r}", "'question!r'"),  # would hide the question
+    ],
+)
+def test_prompt_templates_are_checked_when_the_processor_is_built(clara, template, problem):
+    with pytest.raises(ValueError, match=problem):
+        ClaraProcessor(clara.processor.tokenizer, user_prompt_template=template)
+    ClaraProcessor(clara.processor.tokenizer, user_prompt_template="{{literal}} {documents}\n{question}")
 
 
 def test_a_processor_of_another_layout_is_refused(clara, tokenizer):

@@ -268,12 +268,82 @@ def test_shards_split_the_corpus_without_overlap(tmp_path):
         run_synthesis(source, tmp_path / "x.jsonl", ScriptedBackend(), shard=(3, 3), show_progress=False)
 
 
-def test_a_different_prompt_version_refuses_to_mix_into_an_output(tmp_path, monkeypatch):
+class DescribedBackend(ScriptedBackend):
+    def __init__(self, **description):
+        super().__init__()
+        self.description = {"backend": "scripted", **description}
+
+    def describe(self):
+        return self.description
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"config": SynthesisConfig(max_rounds=3)}, "settings.max_rounds: 10 -> 3"),
+        ({"config": SynthesisConfig(complex_qa=False)}, "settings.complex_qa: True -> False"),
+        ({"backend": DescribedBackend(model="other-model")}, "backend.model"),
+        ({"shard": (0, 2)}, "shard: '0/1' -> '0/2'"),
+        ({"text_field": "contents"}, "input.text_field: None -> 'contents'"),
+        ({"prompt": "changed {passage}"}, "prompt_fingerprint"),
+    ],
+)
+def test_a_resume_with_other_settings_is_refused_naming_what_differs(tmp_path, monkeypatch, change, named):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": ZORLAND, "contents": ZORLAND}])
+    output = tmp_path / "out.jsonl"
+    run_synthesis(source, output, DescribedBackend(model="m", url="http://a"), show_progress=False)
+    meta = (tmp_path / "out.jsonl.meta.json").read_text()
+    if "prompt" in change:
+        monkeypatch.setitem(__import__("data_synthesis.prompts").prompts.PROMPTS, "simple_qa", change.pop("prompt"))
+    arguments = {"backend": DescribedBackend(model="m", url="http://a"), "config": None, "shard": (0, 1), **change}
+    with pytest.raises(ValueError, match="other settings") as error:
+        run_synthesis(source, output, show_progress=False, **arguments)
+    assert named in str(error.value) and "use a new output file" in str(error.value)
+    assert (tmp_path / "out.jsonl.meta.json").read_text() == meta  # the first run's record is kept
+
+
+def test_a_resume_may_change_the_server_url_and_records_each_run(tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": ZORLAND}])
-    run_synthesis(source, tmp_path / "out.jsonl", ScriptedBackend(), show_progress=False)
-    monkeypatch.setitem(__import__("data_synthesis.prompts").prompts.PROMPTS, "simple_qa", "changed {passage}")
-    with pytest.raises(ValueError, match="Use a new output file"):
-        run_synthesis(source, tmp_path / "out.jsonl", ScriptedBackend(), show_progress=False)
+    output = tmp_path / "out.jsonl"
+    run_synthesis(source, output, DescribedBackend(url="http://a"), show_progress=False)
+    report = run_synthesis(source, output, DescribedBackend(url="http://b"), SynthesisConfig(passages_per_batch=2), show_progress=False)
+    assert report["input"]["already_done"] == 1
+    meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
+    assert [run["backend"]["url"] for run in meta["runs"]] == ["http://a", "http://b"]
+
+
+def test_empty_input_and_conflicting_ids_are_refused_duplicates_counted(tmp_path, caplog):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="No passages in"):
+        run_synthesis(empty, tmp_path / "a.jsonl", ScriptedBackend(), show_progress=False)
+    with pytest.raises(ValueError, match="No passages in"):
+        run_synthesis(write_jsonl(tmp_path / "blank.jsonl", [{"text": " "}]), tmp_path / "b.jsonl", ScriptedBackend(), show_progress=False)
+    conflicting = write_jsonl(tmp_path / "ids.jsonl", [{"id": "x", "text": ZORLAND}, {"id": "x", "text": PELTRIA}])
+    with pytest.raises(ValueError, match="Two different passages .* have the id 'x'"):
+        run_synthesis(conflicting, tmp_path / "c.jsonl", ScriptedBackend(), show_progress=False)
+    assert not list(tmp_path.glob("c.jsonl*"))  # refused before anything is written
+    repeated = write_jsonl(tmp_path / "repeated.jsonl", [{"id": "x", "text": ZORLAND}, {"id": "x", "text": ZORLAND}])
+    with caplog.at_level("WARNING"):
+        report = run_synthesis(repeated, tmp_path / "d.jsonl", ScriptedBackend(), show_progress=False)
+    assert report["passages"] == 1 and report["input"]["duplicate_passage"] == 1
+    assert "1 duplicate_passage" in caplog.text
+
+
+def test_input_encoding_problems_name_the_line(tmp_path, caplog):
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"id": "first", "text": ZORLAND}).encode() + b"\n"
+        + b'{"id": "bad", "text": "caf\xe9"}\n' + json.dumps({"id": "third", "text": PELTRIA}).encode() + b"\n"
+    )
+    counts = Counter()
+    with caplog.at_level("WARNING"):
+        assert [p["id"] for p in read_passages(jsonl, counts=counts)] == ["first", "third"]  # the BOM keeps row 1
+    assert counts == {"malformed_input_line": 1} and f"{jsonl}:2 is not valid UTF-8 (byte 0xe9" in caplog.text
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_bytes(b"\xef\xbb\xbfFirst passage.\n\nSecond\n\ncaf\xe9\n")
+    with pytest.raises(ValueError, match=f"{text_file}:5: not valid UTF-8"):
+        list(read_passages(text_file))
 
 
 def test_inputs_of_every_kind_with_bad_lines_counted(tmp_path):

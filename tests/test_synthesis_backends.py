@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,7 +12,14 @@ import pytest
 from test_synthesis import ScriptedBackend
 
 from clara_cli.main import main
-from data_synthesis import BackendConfig, GenerationRequest, OpenAIBackend, backend_from_config, run_synthesis
+from data_synthesis import (
+    BackendConfig,
+    BackendUnavailableError,
+    GenerationRequest,
+    OpenAIBackend,
+    backend_from_config,
+    run_synthesis,
+)
 from modeling_clara.base_models import embedded_model_folder
 from testing_utils import write_jsonl
 from trainers import load_rows
@@ -21,7 +29,8 @@ SECRET = "sk-test-0123456789abcdef"
 
 class ChatServer(ThreadingHTTPServer):
     """Answers /v1/chat/completions like an OpenAI-compatible server, with scripted failures: `failures` maps a
-    request number (1-based) to an HTTP status, or to "slow" (answers after the client's timeout)."""
+    request number (1-based) to an HTTP status, or to "slow" (answers after the client's timeout); or a function of
+    the request number and body returning those (or None)."""
 
     daemon_threads = True
 
@@ -43,7 +52,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
             number = len(self.server.requests)
-        failure = self.server.failures.get(number)
+        failures = self.server.failures
+        failure = failures(number, body) if callable(failures) else failures.get(number)
         if failure == "slow":
             time.sleep(1.5)
         elif failure:
@@ -93,15 +103,59 @@ def test_served_backend_sends_the_key_retries_and_keeps_order(server_factory, mo
     assert SECRET not in caplog.text and SECRET not in repr(backend) and SECRET not in json.dumps(backend.describe())
 
 
-def test_served_backend_times_out_retries_and_gives_up_without_crashing(server_factory, caplog):
-    server = server_factory(failures={1: "slow", 3: 400})
+def test_served_backend_retries_a_timeout_and_counts_a_refused_request(server_factory, caplog):
+    server = server_factory(
+        failures=lambda number, body: "slow" if number == 1 else 400 if body["messages"][-1]["content"] == "b" else None
+    )
     backend = OpenAIBackend(server.url, timeout=0.5, max_retries=2, backoff=0.01)
     assert backend.generate([request("a")]) == ["ok"]  # timed out once, then answered
     with caplog.at_level(logging.WARNING):
-        assert backend.generate([request("b")]) == [""]  # a 400 is not retried
-    assert "failed for good (HTTP 400)" in caplog.text
+        assert backend.generate([request("b"), request("c")]) == ["", "ok"]  # a 400 is this request's, not retried
+    assert "refused (HTTP 400)" in caplog.text and len(server.requests) == 4
+
+
+def test_a_server_that_is_down_or_refuses_the_key_raises(server_factory):
     unreachable = OpenAIBackend("http://127.0.0.1:9/v1", timeout=0.5, max_retries=1, backoff=0.01)
-    assert unreachable.generate([request("c")]) == [""]
+    with pytest.raises(BackendUnavailableError, match="failed 2 time"):
+        unreachable.generate([request("c")])
+    server = server_factory(failures=lambda number, body: 401)
+    with pytest.raises(BackendUnavailableError, match="HTTP 401.*API key"):
+        OpenAIBackend(server.url, max_retries=3, backoff=0.01, concurrency=1).generate([request("d"), request("e")])
+    assert len(server.requests) <= 2  # not retried (max_retries=3), and the queued request is cancelled
+
+
+def test_an_unreachable_server_stops_synthesis_and_marks_nothing_done(server_factory, tmp_path, capsys):
+    passages = [{"id": f"n{i}", "text": f"The capital of Land{i} is City{i}. The flag of Land{i} is red."} for i in range(4)]
+    source = write_jsonl(tmp_path / "in.jsonl", passages)
+    output = tmp_path / "out.jsonl"
+    down = ["synthesize", "--input", source, "--output", str(output), "--backend", "openai:http://127.0.0.1:9/v1",
+            "--max_retries", "1", "--timeout", "0.5", "--max_rounds", "3"]
+    assert main(down) == 1
+    error = capsys.readouterr().err
+    assert "failed 2 time(s)" in error and "0 passage(s) were finished" in error and "rerun the same command" in error
+    assert not output.read_text() and not Path(f"{output}.done").read_text()
+
+    scripted = ScriptedBackend()
+    script = lambda messages: scripted.respond(  # noqa: E731
+        GenerationRequest(_task_of(messages), tuple((m["role"], m["content"]) for m in messages))
+    )
+    # Up after that, but failing every request about the second batch's passages.
+    flaky = server_factory(script, failures=lambda number, body: 503 if re.search("Land[23]", json.dumps(body)) else None)
+    served = ["synthesize", "--input", source, "--output", str(output), "--max_retries", "1",
+              "--passages_per_batch", "2", "--max_rounds", "3"]
+    assert main([*served, "--backend", f"openai:{flaky.url}"]) == 1
+    assert "2 passage(s) were finished" in capsys.readouterr().err
+    done = [json.loads(line)["passage_id"] for line in Path(f"{output}.done").read_text().splitlines()]
+    assert done == ["n0", "n1"] and {row["passage_id"] for row in map(json.loads, output.read_text().splitlines())} == {"n0", "n1"}
+
+    healthy = server_factory(script)  # another URL: a resume may change only that
+    assert main([*served, "--backend", f"openai:{healthy.url}"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passages"] == 4 and report["input"]["already_done"] == 2
+    meta = json.loads(Path(f"{output}.meta.json").read_text())
+    assert [run["backend"]["url"] for run in meta["runs"]] == [
+        "http://127.0.0.1:9/v1/chat/completions", f"{flaky.url}/chat/completions", f"{healthy.url}/chat/completions"
+    ]
 
 
 def test_clara_synthesize_against_a_served_model(server_factory, tmp_path, capsys):

@@ -2,21 +2,27 @@
 batch, separate loss logging, retrieval metrics and saving complete `ClaraForRAG` checkpoints."""
 
 import dataclasses
+import hashlib
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
 from transformers import Trainer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_clara import ClaraForRAG
 
 from .clara_config import ClaraTrainingConfig
 from .data import load_rows
-from .model_config import ClaraModelConfig
+from .model_config import ARCHITECTURE_FIELDS, ClaraModelConfig
 
 __all__ = ["ClaraTrainer"]
 
 TRUNCATION_METRICS = ("truncated_documents", "truncated_questions", "truncated_answers")
+# Written into every checkpoint and output: what a resumed run must match.
+TRAINING_RECORD = "clara_training.json"
 
 
 class ClaraTrainer(Trainer):
@@ -38,7 +44,11 @@ class ClaraTrainer(Trainer):
       data parallelism give the gradient of one large batch.
     - `lm_loss`, `mse_loss` (and in stage 3 `recall@k`, `precision@k`) are logged beside `loss`, and the fractions
       of documents, questions and answers that were truncated to fit.
-    - A saved checkpoint records `training_stage` in its config and is a complete `ClaraForRAG`.
+    - A saved checkpoint records `training_stage` in its config and is a complete `ClaraForRAG`; it also holds
+      `clara_training.json` (stage, training data fingerprint), and resuming from a checkpoint of another stage or
+      made on other training data raises before training.
+    - Every row of `train_file` / `eval_file` is checked when it is read, including what the stage's collator will
+      make of it (a prompt that leaves no room for the answer in `max_length`), so no row fails mid-run.
     """
 
     stage: str = ""
@@ -65,9 +75,11 @@ class ClaraTrainer(Trainer):
                 raise ValueError("Pass a model or set model_name_or_path.")
             model = self.load_model(model_args)
         self.check_stage(model)
+        self.check_paths_and_lengths(model, args)
         model_args.apply_to(model)
         self.prepare_model(model, args)
         model.set_trainable_components(self.trainable_components)
+        self.training_record = {"stage": self.stage, "train_file": _fingerprint(args.train_file)}
         if train_dataset is None and args.train_file:
             train_dataset = self.load_data(args.train_file, model, args)
         if eval_dataset is None and args.eval_file:
@@ -83,8 +95,10 @@ class ClaraTrainer(Trainer):
         """The previous stage's checkpoint (stage 1 overrides this to build a new model)."""
         return ClaraForRAG.from_pretrained(model_args.model_name_or_path)
 
-    def load_data(self, path: str, model: ClaraForRAG, args: ClaraTrainingConfig):
-        return load_rows(path, self.stage, args.skip_malformed_rows)
+    def load_data(self, path: str, model: ClaraForRAG, args: ClaraTrainingConfig, min_documents: int = 1):
+        """The stage's rows of `path`, each checked for its format and by the stage's collator."""
+        checker = self.build_collator(model, args, datasets=None)
+        return load_rows(path, self.stage, args.skip_malformed_rows, min_documents, check_rows=checker.check_rows)
 
     def check_stage(self, model: ClaraForRAG) -> None:
         found = model.config.training_stage
@@ -92,11 +106,49 @@ class ClaraTrainer(Trainer):
             expected = " or ".join("an untrained model" if s is None else f"a {s!r} checkpoint" for s in self.previous_stages)
             raise ValueError(f"Stage {self.stage!r} starts from {expected}, but this model's training_stage is {found!r}.")
 
+    @staticmethod
+    def check_paths_and_lengths(model: ClaraForRAG, args: ClaraTrainingConfig) -> None:
+        """Refuses to write over the checkpoint being trained, and sequences longer than the base's context."""
+        source = model.name_or_path
+        if source and Path(source).is_dir() and Path(source).resolve() == Path(args.output_dir).resolve():
+            raise ValueError(
+                f"output_dir {args.output_dir} is the checkpoint this run starts from: saving would overwrite it. "
+                "Choose another output_dir."
+            )
+        context = getattr(model.config.text_config, "max_position_embeddings", None)
+        if context is not None and args.max_length > context:
+            raise ValueError(
+                f"max_length={args.max_length} exceeds the base model's context ({context} positions): set "
+                f"max_length to at most {context}."
+            )
+
+    def check_checkpoint(self, checkpoint: str) -> None:
+        """A checkpoint to resume from must be this stage's, of this architecture, made on the same training data."""
+        config_path, record_path = Path(checkpoint) / "config.json", Path(checkpoint) / TRAINING_RECORD
+        if not config_path.is_file() or not record_path.is_file():
+            raise ValueError(f"{checkpoint} is not a checkpoint of a CLaRa training run (no config.json / {TRAINING_RECORD}).")
+        saved, record = json.loads(config_path.read_text()), json.loads(record_path.read_text())
+        if record["stage"] != self.stage:
+            raise ValueError(
+                f"{checkpoint} is a checkpoint of stage {record['stage']!r}; this is stage {self.stage!r}. Resume it "
+                f"with `clara train {record['stage']}`, or start this stage from its finished output."
+            )
+        config = self.accelerator.unwrap_model(self.model).config
+        changed = [name for name in ARCHITECTURE_FIELDS if saved.get(name) != getattr(config, name)]
+        if changed:
+            raise ValueError(f"{checkpoint} has another architecture than this model: {changed} differ.")
+        if record["train_file"] != self.training_record["train_file"]:
+            raise ValueError(
+                f"{checkpoint} was trained on {record['train_file']}, this run reads {self.training_record['train_file']}: "
+                "a resumed run must read the same data to continue where it stopped."
+            )
+
     def prepare_model(self, model: ClaraForRAG, args: ClaraTrainingConfig) -> None:
         """Stage-specific changes to the adapters before training."""
 
-    def build_collator(self, model: ClaraForRAG, args: ClaraTrainingConfig, datasets: list):
-        """The stage's collator; `datasets` (train and eval, either may be None) for collators that precompute."""
+    def build_collator(self, model: ClaraForRAG, args: ClaraTrainingConfig, datasets: list | None):
+        """The stage's collator; `datasets` (train and eval, either may be None) for collators that precompute from
+        them, None for a collator that only checks rows (`load_data`)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- loss and metrics
@@ -162,11 +214,31 @@ class ClaraTrainer(Trainer):
 
     # ---------------------------------------------------------------- saving
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; a checkpoint to resume from (`True`: the last in `output_dir`) is checked first."""
+        if resume_from_checkpoint:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"No checkpoint to resume from in output_dir {self.args.output_dir}.")
+            self.check_checkpoint(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.accelerator.unwrap_model(self.model).config.training_stage = self.stage
         return output
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         self.accelerator.unwrap_model(self.model).config.training_stage = self.stage
         super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        (Path(output_dir) / TRAINING_RECORD).write_text(json.dumps(self.training_record, indent=2))
+
+
+def _fingerprint(path: str | None) -> dict | None:
+    """Name, size and SHA-256 of a data file (None without one)."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"name": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}

@@ -47,63 +47,82 @@ def _document_tensors(processor, documents_per_row: list[list[str]]) -> dict[str
     }
 
 
-def _truncation_as_metric(batch: dict) -> dict:
-    """Truncation counts travel in the batch (they survive dataloader workers) and are logged by the trainer."""
-    batch["truncated_answers"] = torch.tensor(batch.pop("num_truncated") / len(batch["input_ids"]))
-    return batch
+class _GeneratorPrompts:
+    """What the stage collators share: each builds its generator prompts in `prompt_fields`, from which both the
+    batch and `check_rows`, the check run when the data is loaded, are made."""
+
+    def __init__(self, processor, max_length: int):
+        self.processor, self.max_length = processor, max_length
+
+    def prompt_fields(self, rows: list[dict]) -> dict:
+        """`tokenize_for_generation` arguments of the rows' prompts (questions, num_documents, system_prompt)."""
+        raise NotImplementedError
+
+    def answers(self, rows: list[dict]) -> list[str]:
+        return [row["answer"] for row in rows]
+
+    def check_rows(self, rows: list[dict]) -> list[str | None]:
+        """Per row, why it cannot be trained on (its prompt leaves no room for an answer in `max_length`), or None."""
+        lengths = self.processor.tokenize_for_generation(**self.prompt_fields(rows))["attention_mask"].sum(-1)
+        return [
+            f"the generator prompt alone has {n} tokens, max_length={self.max_length} leaves no room for the answer"
+            if n >= self.max_length else None
+            for n in lengths.tolist()
+        ]
+
+    def generator_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.processor.tokenize_for_generation(
+            **self.prompt_fields(rows), answers=self.answers(rows), max_length=self.max_length, warn_truncation=False
+        )
+        # Truncation counts travel in the batch (they survive dataloader workers) and are logged by the trainer.
+        batch["truncated_answers"] = torch.tensor(batch.pop("num_truncated") / len(batch["input_ids"]))
+        return batch
 
 
-class SCPCollator:
+class SCPCollator(_GeneratorPrompts):
     """Stage 1: the compressor reads the document; the generator, seeing only its memories, produces all its QA
     pairs ("Question: ...\\nAnswer: ..." lines) or its paraphrase, each under its instruction.
 
     Example: `SCPCollator(model.processor, max_length=2048)(rows)` -> `model(**batch)` inputs.
     """
 
-    def __init__(self, processor, max_length: int):
-        self.processor, self.max_length = processor, max_length
+    def prompt_fields(self, rows: list[dict]) -> dict:
+        qa = [row["data_type"] == "qa" for row in rows]
+        return {
+            "questions": [SCP_QA_INSTRUCTION if is_qa else PARAPHRASE_INSTRUCTION for is_qa in qa],
+            "num_documents": 1,
+            "system_prompt": [SCP_QA_SYSTEM_PROMPT if is_qa else None for is_qa in qa],
+        }
+
+    def answers(self, rows: list[dict]) -> list[str]:
+        return [
+            "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(row["questions"], row["answers"]))
+            if row["data_type"] == "qa" else row["answers"][0]
+            for row in rows
+        ]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        instructions, targets, system_prompts = [], [], []
-        for row in rows:
-            if row["data_type"] == "qa":
-                instructions.append(SCP_QA_INSTRUCTION)
-                targets.append("\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(row["questions"], row["answers"])))
-                system_prompts.append(SCP_QA_SYSTEM_PROMPT)
-            else:
-                instructions.append(PARAPHRASE_INSTRUCTION)
-                targets.append(row["answers"][0])
-                system_prompts.append(None)
-        batch = self.processor.tokenize_for_generation(
-            instructions, 1, answers=targets, system_prompt=system_prompts, max_length=self.max_length,
-            warn_truncation=False,
-        )
+        batch = self.generator_batch(rows)
         batch.update(_document_tensors(self.processor, [[row["document"]] for row in rows]))
-        return _truncation_as_metric(batch)
+        return batch
 
 
-class InstructCollator:
+class InstructCollator(_GeneratorPrompts):
     """Stage 2: the generator reads all of a question's documents (top-5 in the reference) and learns the answer.
 
     Example: `InstructCollator(model.processor, max_length=2048)(rows)` -> `model(**batch)` inputs.
     """
 
-    def __init__(self, processor, max_length: int):
-        self.processor, self.max_length = processor, max_length
+    def prompt_fields(self, rows: list[dict]) -> dict:
+        return {"questions": [row["question"] for row in rows], "num_documents": [len(row["documents"]) for row in rows]}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.processor.tokenize_for_generation(
-            [row["question"] for row in rows],
-            [len(row["documents"]) for row in rows],
-            answers=[row["answer"] for row in rows],
-            max_length=self.max_length,
-            warn_truncation=False,
-        )
+        batch = self.generator_batch(rows)
         batch.update(_document_tensors(self.processor, [row["documents"] for row in rows]))
-        return _truncation_as_metric(batch)
+        return batch
 
 
-class JointCollator:
+class JointCollator(_GeneratorPrompts):
     """Stage 3: the query reasoner scores the candidates, the generator reads the top k. `positive_mask [B, N]`
     (from `pos_index`) is for Recall@k / Precision@k only; the model never sees it.
 
@@ -116,14 +135,15 @@ class JointCollator:
     def __init__(
         self, processor, max_length: int, top_k: int, document_bank: tuple[dict[str, int], torch.Tensor] | None = None
     ):
-        self.processor, self.max_length, self.top_k, self.document_bank = processor, max_length, top_k, document_bank
+        super().__init__(processor, max_length)
+        self.top_k, self.document_bank = top_k, document_bank
+
+    def prompt_fields(self, rows: list[dict]) -> dict:
+        return {"questions": [row["question"] for row in rows], "num_documents": self.top_k}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         questions = [row["question"] for row in rows]
-        batch = self.processor.tokenize_for_generation(
-            questions, self.top_k, answers=[row["answer"] for row in rows], max_length=self.max_length,
-            warn_truncation=False,
-        )
+        batch = self.generator_batch(rows)
         if self.document_bank is None:
             batch.update(_document_tensors(self.processor, [row["documents"] for row in rows]))
         else:
@@ -135,7 +155,7 @@ class JointCollator:
             positive_mask[i, row["positives"]] = True
         batch["positive_mask"] = positive_mask
         batch["truncated_questions"] = torch.tensor(queries["num_truncated"] / len(rows))
-        return _truncation_as_metric(batch)
+        return batch
 
     def _bank_memories(self, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
         index, memories = self.document_bank

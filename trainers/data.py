@@ -1,24 +1,27 @@
 """Reading and validating the data of the three training stages and of evaluation (the reference formats, CLARA.md
 section 5).
 
-Every row is checked before training starts. A malformed row raises `MalformedRowError` naming the file and line,
-or, with `skip_malformed=True`, is skipped and counted by reason in a logged summary.
+Every row is checked before training starts: its format here, and what the stage's collator will make of it (the
+trainers pass `check_rows`). A malformed row raises `MalformedRowError` naming the file and line, or, with
+`skip_malformed=True`, is skipped and counted by reason in a logged summary.
 """
 
-import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from datasets import Dataset
 
 from modeling_clara import TRAINING_STAGES
+from modeling_clara.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DATA_FORMATS", "MalformedRowError", "load_rows", "validate_row"]
 
 DATA_FORMATS = (*TRAINING_STAGES, "evaluate")
+CHECK_CHUNK_ROWS = 1024  # rows per `check_rows` call: tokenized together, bounded memory
 
 
 class MalformedRowError(ValueError):
@@ -71,6 +74,8 @@ def validate_row(row, data_format: str, min_documents: int = 1) -> dict:
         questions = _string_list(row.get("question"), "question") if data_type == "qa" else []
         if data_type == "qa" and len(questions) != len(answers):
             raise MalformedRowError(f"{len(questions)} questions but {len(answers)} answers")
+        if data_type == "paraphrase" and len(answers) != 1:
+            raise MalformedRowError(f"a paraphrase row has one answer (its target), got {len(answers)}: one row each")
         return {"data_type": data_type, "questions": questions, "answers": answers, "document": documents[0]}
     if data_format not in DATA_FORMATS:
         raise ValueError(f"Unknown data format {data_format!r}; choose from {DATA_FORMATS}.")
@@ -97,29 +102,45 @@ def validate_row(row, data_format: str, min_documents: int = 1) -> dict:
     return canonical
 
 
-def load_rows(path: str | Path, data_format: str, skip_malformed: bool = False, min_documents: int = 1) -> Dataset:
+def load_rows(
+    path: str | Path,
+    data_format: str,
+    skip_malformed: bool = False,
+    min_documents: int = 1,
+    check_rows: Callable[[list[dict]], list[str | None]] | None = None,
+) -> Dataset:
     """Reads a JSONL file of one reference format (`DATA_FORMATS`) into a `datasets.Dataset` of canonical rows (see
-    `validate_row`; `min_documents` applies to all but scp)."""
+    `validate_row`; `min_documents` applies to all but scp).
+
+    `check_rows` takes canonical rows and returns, per row, why it would fail later (e.g. in the collator) or None;
+    such rows are malformed too.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No data file at {path}.")
-    rows, skipped = [], Counter()
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    parsed = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise MalformedRowError(f"invalid JSON ({error.msg})") from None
-                rows.append(validate_row(parsed, data_format, min_documents))
-            except MalformedRowError as error:
-                if not skip_malformed:
-                    raise MalformedRowError(
-                        f"{path}:{line_number}: {error} (pass skip_malformed_rows to skip such rows)"
-                    ) from None
-                skipped[str(error)] += 1
+    rows, line_numbers, skipped = [], [], Counter()
+
+    def refuse(line_number: int, reason: str) -> None:
+        if not skip_malformed:
+            raise MalformedRowError(f"{path}:{line_number}: {reason} (pass skip_malformed_rows to skip such rows)")
+        skipped[reason] += 1
+
+    for line_number, value, problem in read_jsonl(path):
+        try:
+            if problem:
+                raise MalformedRowError(problem)
+            rows.append(validate_row(value, data_format, min_documents))
+            line_numbers.append(line_number)
+        except MalformedRowError as error:
+            refuse(line_number, str(error))
+    if check_rows is not None:
+        checked_rows = []
+        for start in range(0, len(rows), CHECK_CHUNK_ROWS):
+            chunk = rows[start : start + CHECK_CHUNK_ROWS]
+            for row, line_number, reason in zip(chunk, line_numbers[start:], check_rows(chunk)):
+                if reason:
+                    refuse(line_number, reason)
+                else:
+                    checked_rows.append(row)
+        rows = checked_rows
     if skipped:
         summary = "; ".join(f"{count} x {reason}" for reason, count in skipped.most_common())
         logger.warning("Skipped %d malformed row(s) of %s: %s", sum(skipped.values()), path, summary)

@@ -30,5 +30,5 @@ class InstructTrainer(ClaraTrainer):
         if args.generator_init == "reinit":
             model.reset_adapter("generator")
 
-    def build_collator(self, model: ClaraForRAG, args: InstructConfig, datasets: list) -> InstructCollator:
+    def build_collator(self, model: ClaraForRAG, args: InstructConfig, datasets: list | None) -> InstructCollator:
         return InstructCollator(model.processor, args.max_length)

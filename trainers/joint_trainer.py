@@ -4,7 +4,6 @@ from modeling_clara import ClaraForRAG
 
 from .clara_trainer import ClaraTrainer
 from .collators import JointCollator
-from .data import load_rows
 from .joint_config import JointConfig
 
 __all__ = ["JointTrainer"]
@@ -36,11 +35,11 @@ class JointTrainer(ClaraTrainer):
         if args.query_reasoner_init == "compressor":
             model.copy_adapter("compressor", "query_reasoner")
 
-    def load_data(self, path: str, model: ClaraForRAG, args: JointConfig):
-        return load_rows(path, self.stage, args.skip_malformed_rows, min_documents=model.config.generation_top_k)
+    def load_data(self, path: str, model: ClaraForRAG, args: JointConfig, min_documents: int = 1):
+        return super().load_data(path, model, args, min_documents=model.config.generation_top_k)
 
-    def build_collator(self, model: ClaraForRAG, args: JointConfig, datasets: list) -> JointCollator:
-        bank = self.compress_all_documents(model, datasets) if args.precompute_document_memories else None
+    def build_collator(self, model: ClaraForRAG, args: JointConfig, datasets: list | None) -> JointCollator:
+        bank = self.compress_all_documents(model, datasets) if args.precompute_document_memories and datasets else None
         return JointCollator(model.processor, args.max_length, model.config.generation_top_k, document_bank=bank)
 
     @staticmethod

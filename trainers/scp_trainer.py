@@ -31,5 +31,5 @@ class SCPTrainer(ClaraTrainer):
         base, tokenizer = load_base_model(model_args.model_name_or_path)
         return ClaraForRAG.from_base_model(base, tokenizer, **model_args.config_overrides())
 
-    def build_collator(self, model: ClaraForRAG, args: SCPConfig, datasets: list) -> SCPCollator:
+    def build_collator(self, model: ClaraForRAG, args: SCPConfig, datasets: list | None) -> SCPCollator:
         return SCPCollator(model.processor, args.max_length)
