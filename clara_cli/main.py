@@ -33,6 +33,14 @@ class DemoArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the new adapters and added-token embeddings."})
     save: str | None = field(default=None, metadata={"help": "Directory to save the built model to."})
 
+    def __post_init__(self):
+        if not 1 <= self.k <= len(DEMO_PASSAGES):
+            raise ValueError(f"--k {self.k}: the generator reads between 1 and {len(DEMO_PASSAGES)} demo passages.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if not self.question.strip():
+            raise ValueError("--question is empty.")
+
 
 @dataclass
 class SynthesizeArguments:

@@ -22,6 +22,15 @@ def test_demo_builds_compresses_answers_and_saves(tokenizer, tmp_path, capsys):
     assert loaded.config.num_memory_tokens == 4
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--k", "0"], "--k 0"), (["--k", "-1"], "--k -1"), (["--k", "4"], "--k 4"), (["--max_new_tokens", "0"], "max_new_tokens")],
+)
+def test_demo_options_are_checked_before_anything_loads(options, message):
+    with pytest.raises(ValueError, match=message):
+        main(["demo", "--model_name_or_path", "/nonexistent", *options])
+
+
 def test_unknown_options_and_commands_raise():
     with pytest.raises(ValueError, match="compression_rat"):
         main(["demo", "--compression_rat", "4"])

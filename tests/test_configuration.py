@@ -68,11 +68,23 @@ def test_generation_parameters_do_not_belong_in_the_config():
         ({"retrieval_temperature": 0.0}, "retrieval_temperature"),
         ({"generation_top_k": 0}, "generation_top_k"),
         ({"memory_token_ids": [1, 2, 3]}, "memory_token_ids"),
+        ({"retrieval_temperature": float("nan")}, "retrieval_temperature must be a finite number"),
+        ({"mse_weight": float("inf")}, "mse_weight must be a finite number"),
+        ({"lora_dropout": float("nan")}, "lora_dropout must be a finite number"),
+        ({"text_config": {"model_type": "llama", "max_position_embeddings": 256}}, "does not fit the base model's context"),
     ],
 )
 def test_invalid_values_raise(overrides, message):
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
         ClaraConfig(**overrides)
+
+
+def test_whole_numbers_are_accepted_for_float_fields_and_stored_as_floats(tmp_path):
+    config = ClaraConfig(mse_weight=1, lora_dropout=0, retrieval_temperature=1)
+    assert (config.mse_weight, config.lora_dropout, config.retrieval_temperature) == (1.0, 0.0, 1.0)
+    assert all(isinstance(getattr(config, name), float) for name in ("mse_weight", "lora_dropout", "retrieval_temperature"))
+    config.save_pretrained(tmp_path)
+    assert isinstance(ClaraConfig.from_pretrained(tmp_path).mse_weight, float)
 
 
 def test_wrong_type_raises():

@@ -185,8 +185,9 @@ def test_retrieve_over_per_question_candidates_matches_brute_force(clara):
 
 def test_retrieve_bad_input_raises(clara):
     corpus = clara.compress_documents(DOCUMENTS[:2])
-    with pytest.raises(ValueError, match="k=3"):
-        clara.retrieve(QUESTIONS, corpus, k=3)
+    for k in (3, 0, -1):
+        with pytest.raises(ValueError, match=f"k={k} must be between 1"):
+            clara.retrieve(QUESTIONS, corpus, k=k)
     with pytest.raises(ValueError, match="n_mem, hidden"):
         clara.retrieve(QUESTIONS, corpus[:, :2], k=1)
     with pytest.raises(ValueError, match="candidates for 3"):
@@ -423,6 +424,9 @@ def test_generate_from_text_uses_the_bare_base_model(clara):
         (QUESTIONS[:1], DOCUMENTS[:1], None, "one list of candidate documents per question"),
         ([], [], None, "at least one question"),
         (QUESTIONS[:1], [["Paris", ""]], None, "Document 1 is empty"),
+        (QUESTIONS, [DOCUMENTS, DOCUMENTS], 0, "k=0: the generator reads at least one document"),  # was: no document
+        (QUESTIONS, [DOCUMENTS, DOCUMENTS], -1, "k=-1"),  # was: an internal RuntimeError
+        (QUESTIONS, [DOCUMENTS, DOCUMENTS], 1.5, "k=1.5"),
     ],
 )
 def test_answer_bad_input_raises(clara, questions, documents, k, message):

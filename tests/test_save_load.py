@@ -174,6 +174,34 @@ def test_checkpoint_missing_a_part_fails_loudly(saved, dropped, message):
         ClaraForRAG.from_pretrained(directory)
 
 
+@pytest.mark.parametrize(
+    "removed, message",
+    [
+        (["tokenizer.json"], "lacks the tokenizer"),  # was: "need sentencepiece or tiktoken"
+        (["generation_config.json"], "lacks the generation config"),  # was: a hub URL
+        (["processor_config.json"], "lacks the processor"),  # was: "does not match ... doc_max_length"
+        (["config.json"], "lacks the config"),
+        (["model.safetensors"], "lacks the weights"),
+        (["tokenizer.json", "config.json"], "lacks the config .*, the tokenizer"),
+        (["chat_template.jinja"], "no chat template"),  # was: loaded, failing at the first answer
+    ],
+)
+def test_an_incomplete_checkpoint_names_what_it_lacks(saved, removed, message):
+    _, directory = saved
+    for name in removed:
+        (directory / name).unlink()
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        ClaraForRAG.from_pretrained(directory)
+
+
+def test_a_missing_checkpoint_folder_is_named(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="No CLaRa checkpoint at .*absent"):
+        ClaraForRAG.from_pretrained(tmp_path / "absent")  # was: "Repo id must be in the form ..."
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No CLaRa checkpoint at absent"):
+        ClaraForRAG.from_pretrained("./absent")
+
+
 def test_trainer_state_dict_is_honoured(clara, tmp_path):
     state_dict = {key: value.clone() for key, value in clara.state_dict().items()}
     state_dict["added_token_embeddings.weight"].fill_(0.5)

@@ -45,6 +45,7 @@ def test_canonical_rows_for_each_stage(tmp_path):
         ("scp", {"data_type": "qa", "question": ["q1", "q2"], "answers": ["a"], "docs": ["d"]}, "2 questions but 1"),
         ("scp", {"data_type": "qa", "question": ["q"], "answers": ["a"], "docs": ["d", "e"]}, "one document"),
         ("scp", {"data_type": "paraphrase", "answers": [""], "docs": ["d"]}, "answers\\[0\\]"),
+        ("scp", {"data_type": "paraphrase", "answers": ["p1", "p2"], "docs": ["d"]}, "one answer .* got 2"),
         ("instruct", {"question": "q", "docs": ["d"]}, "'answer' or 'gold_answer'"),
         ("instruct", {"question": "q", "docs": [], "answer": "a"}, "'docs'"),
         ("joint", {"question": "q", "docs": ["d"], "answer": "a", "pos_index": [3]}, "'pos_index'"),
@@ -66,6 +67,18 @@ def test_malformed_rows_can_be_skipped_and_counted(tmp_path, caplog):
     assert len(dataset) == 2
     assert "Skipped 3 malformed row(s)" in caplog.text
     assert "2 x invalid JSON" in caplog.text
+
+
+def test_a_byte_order_mark_keeps_row_1_and_a_bad_byte_names_its_line(tmp_path, caplog):
+    rows = [json.dumps(row).encode() for row in scp_rows()[:3]]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + rows[0] + b"\n" + rows[1].replace(b"capital", b"capit\xe9l", 1) + b"\n" + rows[2] + b"\n")
+    with pytest.raises(MalformedRowError, match="data.jsonl:2: not valid UTF-8 \\(byte 0xe9"):
+        load_rows(path, "scp")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_rows(path, "scp", skip_malformed=True)
+    assert [row["document"] for row in loaded] == [scp_rows()[0]["docs"][0], scp_rows()[2]["docs"][0]]
+    assert "1 x not valid UTF-8" in caplog.text
 
 
 def test_empty_or_missing_files_raise(tmp_path):

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,62 @@ def test_joint_data_with_fewer_candidates_than_top_k_fails_before_training(token
     config = stage_config(JointConfig, tmp_path, train_file=joint_file)
     with pytest.raises(MalformedRowError, match=r"joint.jsonl:1: 2 candidate documents .* fewer than the top-k \(3\)"):
         JointTrainer(model, config, model_args=ClaraModelConfig(generation_top_k=3))
+
+
+def test_rows_that_would_fail_in_training_are_refused_when_read(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    model.config.training_stage = "scp"
+    long_question = " ".join(["Which country has the capital that the documents describe?"] * 60)
+    rows = instruct_rows()[:3]
+    rows[1] = {**rows[1], "question": long_question}  # the prompt alone is longer than max_length
+    rows[2] = {**rows[2], "answer": "<MEM0><SEP> and <|im_end|>"}  # control-token text: trains as text
+    data = write_jsonl(tmp_path / "instruct.jsonl", rows)
+    with pytest.raises(MalformedRowError, match=r"instruct.jsonl:2: the generator prompt alone has \d+ tokens, max_length=512"):
+        InstructTrainer(model, stage_config(InstructConfig, tmp_path, train_file=data))
+    trainer = InstructTrainer(
+        model, stage_config(InstructConfig, tmp_path, train_file=data, skip_malformed_rows=True, max_steps=1)
+    )
+    assert [row["question"] for row in trainer.train_dataset] == [rows[0]["question"], rows[2]["question"]]
+    trainer.train()  # both kept rows in one batch
+    assert trainer.state.global_step == 1
+
+
+def test_resuming_checks_the_checkpoints_stage_and_data(tokenizer, tmp_path):
+    scp_data = write_jsonl(tmp_path / "scp.jsonl", scp_rows())
+    saving = dict(save_strategy="steps", save_steps=1, max_steps=1)
+    scp = SCPTrainer(new_model(tokenizer), stage_config(SCPConfig, tmp_path, train_file=scp_data, **saving))
+    scp.train()
+    scp.save_model(str(tmp_path / "scp"))
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert json.loads((checkpoint / "clara_training.json").read_text())["stage"] == "scp"
+
+    instruct_data = write_jsonl(tmp_path / "instruct.jsonl", instruct_rows())
+    instruct = InstructTrainer(
+        str(tmp_path / "scp"), stage_config(InstructConfig, tmp_path, output_dir=str(tmp_path / "instruct"), train_file=instruct_data)
+    )
+    with pytest.raises(ValueError, match="checkpoint-1 is a checkpoint of stage 'scp'; this is stage 'instruct'"):
+        instruct.train(resume_from_checkpoint=str(checkpoint))  # was: trained on and saved as 'scp'
+    with pytest.raises(ValueError, match="No checkpoint to resume from"):
+        instruct.train(resume_from_checkpoint=True)
+
+    other_data = write_jsonl(tmp_path / "other.jsonl", scp_rows()[::-1])
+    other = SCPTrainer(new_model(tokenizer), stage_config(SCPConfig, tmp_path, train_file=other_data, **saving))
+    with pytest.raises(ValueError, match="was trained on .*scp.jsonl.*this run reads .*other.jsonl"):
+        other.train(resume_from_checkpoint=True)
+    same = SCPTrainer(new_model(tokenizer), stage_config(SCPConfig, tmp_path, train_file=scp_data, **{**saving, "max_steps": 2}))
+    same.train(resume_from_checkpoint=True)
+    assert same.state.global_step == 2
+
+
+def test_a_run_may_not_overwrite_its_input_checkpoint_or_exceed_the_context(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    model.config.training_stage = "scp"
+    model.save_pretrained(tmp_path / "scp")
+    rows = dataset(instruct_rows(), "instruct")
+    with pytest.raises(ValueError, match="is the checkpoint this run starts from"):
+        InstructTrainer(str(tmp_path / "scp"), stage_config(InstructConfig, tmp_path, output_dir=str(tmp_path / "scp")), train_dataset=rows)
+    with pytest.raises(ValueError, match=r"max_length=1024 exceeds the base model's context \(512 positions\)"):
+        InstructTrainer(str(tmp_path / "scp"), stage_config(InstructConfig, tmp_path, max_length=1024), train_dataset=rows)
 
 
 def test_model_settings_are_checked_and_the_architecture_is_fixed_after_stage_1(tokenizer):
