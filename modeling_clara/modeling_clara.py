@@ -15,6 +15,7 @@ only torch, transformers, peft and those two files.
 
 import copy
 import importlib
+import json
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -744,6 +745,13 @@ def _check_local_checkpoint(path, subfolder: str = "") -> None:
     folder = path / subfolder
     if not folder.is_dir():
         raise FileNotFoundError(f"No CLaRa checkpoint at {folder}: the folder does not exist.")
+    config_file = folder / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else "clara"
+    if model_type != "clara":
+        raise ValueError(
+            f"{folder} holds a {model_type!r} model, not a CLaRa checkpoint. Build a CLaRa on it with "
+            "ClaraForRAG.from_base_model (or `clara train scp --model_name_or_path` it)."
+        )
     missing = [f"{part} ({' or '.join(names)})" for part, names in CHECKPOINT_FILES.items()
                if not any((folder / name).is_file() for name in names)]
     if missing:

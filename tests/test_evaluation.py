@@ -131,6 +131,13 @@ def test_bad_rows_and_settings_fail_before_work(llama_clara, tmp_path):
         EvaluationConfig(model="tiny", data=bad, baseline="bm26")
 
 
+@pytest.mark.parametrize("output, message", [("report.md", "the markdown table is written beside it"), (".", "is a folder")])
+def test_a_report_path_that_cannot_be_written_fails_before_work(tmp_path, eval_file, output, message):
+    config = EvaluationConfig(model="unused", data=eval_file, k=1, baseline="bm25", output=str(tmp_path / output))
+    with pytest.raises(ValueError, match=message):
+        evaluate_model(config, show_progress=False)
+
+
 def test_limit_takes_the_first_rows(llama_clara, eval_file):
     config = EvaluationConfig(model="tiny", data=eval_file, k=1, limit=2, baseline="closed-book", max_new_tokens=2)
     report = evaluate_model(config, model=llama_clara, show_progress=False)

@@ -194,6 +194,16 @@ def test_an_incomplete_checkpoint_names_what_it_lacks(saved, removed, message):
         ClaraForRAG.from_pretrained(directory)
 
 
+def test_a_base_model_folder_is_not_taken_for_a_clara_checkpoint_nor_the_reverse(saved, tiny_base_dir):
+    from modeling_clara import load_base_model
+
+    with pytest.raises(ValueError, match="holds a 'llama' model, not a CLaRa checkpoint"):
+        ClaraForRAG.from_pretrained(tiny_base_dir)  # was: "lacks processor_config.json"-like errors
+    _, clara_directory = saved
+    with pytest.raises(ValueError, match="is a CLaRa checkpoint, not a base LLM"):
+        load_base_model(str(clara_directory))  # stage 1 on a CLaRa; was: a list of every AutoModel config class
+
+
 def test_a_missing_checkpoint_folder_is_named(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="No CLaRa checkpoint at .*absent"):
         ClaraForRAG.from_pretrained(tmp_path / "absent")  # was: "Repo id must be in the form ..."

@@ -127,6 +127,13 @@ def test_wrong_stage_checkpoints_are_refused(tokenizer, tmp_path, trainer_class,
         trainer_class(model, stage_config(config_class, tmp_path), train_dataset=dataset(joint_rows(), "joint"))
 
 
+def test_a_missing_data_file_fails_before_a_model_loads(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_file: no data file at .*absent.jsonl"):
+        stage_config(SCPConfig, tmp_path, train_file=str(tmp_path / "absent.jsonl"))
+    with pytest.raises(FileNotFoundError, match="eval_file"):
+        stage_config(SCPConfig, tmp_path, eval_file=str(tmp_path / "absent.jsonl"))
+
+
 def test_stage_option_values_are_checked(tmp_path):
     with pytest.raises(ValueError, match="generator_init"):
         stage_config(InstructConfig, tmp_path, generator_init="random")

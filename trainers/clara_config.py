@@ -1,6 +1,7 @@
 """Training arguments shared by the three stage configs."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainingArguments
 
@@ -51,3 +52,7 @@ class ClaraTrainingConfig(TrainingArguments):
         super().__post_init__()
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
+        for name in ("train_file", "eval_file"):  # checked before a model is loaded
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{name}: no data file at {path}.")
