@@ -2,7 +2,7 @@
 
 Importing the package registers `model_type="clara"` with `AutoConfig`/`AutoModel`/`AutoProcessor`, and marks the
 classes for `auto_map`, so a saved model also loads with `trust_remote_code=True` where this package is absent.
-`base_models` (not part of the remote code) loads the base LLMs a new CLaRa is built on.
+`base_models` loads the base LLMs a CLaRa is built on (and an adapter-only checkpoint's base).
 """
 
 from transformers import AutoConfig, AutoModel, AutoProcessor

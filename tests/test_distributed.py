@@ -54,7 +54,7 @@ def test_two_processes_match_one(launcher, single_process_run, tiny_base_dir):
     config_file = ROOT / "hub_configs" / "accelerate" / f"{launcher}.yaml"
     run([*accelerate, "--config_file", str(config_file), "-m", "clara_cli.main", "train", "scp", *arguments])
 
-    expected = load_file(single_output / "model.safetensors")
+    expected = load_file(single_output / "clara_adapters.safetensors")
     # The checkpoint loads through from_pretrained, and every adapter holds its own trained weights.
     loaded = ClaraForRAG.from_pretrained(output).state_dict()
     assert loaded.keys() == ClaraForRAG.from_pretrained(single_output).state_dict().keys()
@@ -106,11 +106,11 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_base_dir, tmp_path):
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert not (resumed / "model.safetensors").exists()
+    assert not (resumed / "clara_adapters.safetensors").exists()
 
     run([sys.executable, "-m", "clara_cli.main", "train", "scp", *arguments(resumed), "--resume_from_checkpoint", "last"])
-    expected = load_file(uninterrupted / "model.safetensors")
-    actual = load_file(resumed / "model.safetensors")
+    expected = load_file(uninterrupted / "clara_adapters.safetensors")
+    actual = load_file(resumed / "clara_adapters.safetensors")
     assert expected.keys() == actual.keys()
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, atol=1e-6, rtol=1e-5, msg=name)

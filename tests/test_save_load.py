@@ -1,9 +1,11 @@
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from modeling_clara import ClaraConfig, ClaraForRAG, ClaraProcessor
-from testing_utils import DOCUMENTS
+from testing_utils import DOCUMENTS, build_base, randomize_adapters
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
 
@@ -220,6 +222,72 @@ def test_trainer_state_dict_is_honoured(clara, tmp_path):
     assert torch.all(loaded.added_token_embeddings.weight == 0.5)
 
 
+# ---------------------------------------------------------------- adapter-only checkpoints
+
+
+@pytest.fixture
+def on_base_folder(tiny_base_dir):
+    """A CLaRa built on a base loaded from a folder, so it has a base to reference."""
+    torch.manual_seed(0)
+    model = randomize_adapters(ClaraForRAG.from_base_model(tiny_base_dir, doc_max_length=16, compression_rate=4))
+    assert model.config.base_model_name_or_path == str(Path(tiny_base_dir).resolve())
+    return model
+
+
+def test_adapter_only_is_the_default_and_loads_to_identical_outputs(on_base_folder, tmp_path):
+    on_base_folder.save_pretrained(tmp_path / "clara")
+    files = set(os.listdir(tmp_path / "clara"))
+    assert "clara_adapters.safetensors" in files and not {"model.safetensors", "model.safetensors.index.json"} & files
+    saved = load_file(tmp_path / "clara" / "clara_adapters.safetensors")
+    assert saved.keys() == on_base_folder.own_state_dict().keys()
+    assert all("lora_" in key or key.startswith("added_token_embeddings") for key in saved)
+    loaded = ClaraForRAG.from_pretrained(tmp_path / "clara")
+    assert loaded.state_dict().keys() == on_base_folder.state_dict().keys()
+    for name, value in on_base_folder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    expected, actual = _outputs(on_base_folder), _outputs(loaded)
+    assert actual["answers"] == expected["answers"]
+    for key in ("documents", "queries", "logits"):
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_the_base_can_be_given_and_a_different_base_is_refused(on_base_folder, tiny_base_dir, tokenizer, tmp_path):
+    on_base_folder.save_pretrained(tmp_path / "clara")
+    moved = tmp_path / "moved_base"
+    shutil.copytree(tiny_base_dir, moved)
+    loaded = ClaraForRAG.from_pretrained(tmp_path / "clara", base_model=str(moved))
+    assert torch.equal(loaded.compress_documents(DOCUMENTS[:2]), on_base_folder.compress_documents(DOCUMENTS[:2]))
+
+    wider = tmp_path / "wider_base"
+    build_base("llama", len(tokenizer), hidden_size=48).save_pretrained(wider)
+    tokenizer.save_pretrained(wider)
+    with pytest.raises(ValueError, match="not the one this checkpoint was trained on: hidden_size: checkpoint 32, base 48"):
+        ClaraForRAG.from_pretrained(tmp_path / "clara", base_model=str(wider))
+    other_vocabulary = tmp_path / "other_vocabulary"
+    shutil.copytree(tiny_base_dir, other_vocabulary)
+    changed = copy.deepcopy(tokenizer)
+    changed.add_tokens(["<extra>"])
+    changed.save_pretrained(other_vocabulary)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        ClaraForRAG.from_pretrained(tmp_path / "clara", base_model=str(other_vocabulary))
+    shutil.rmtree(moved)
+    with pytest.raises(ValueError, match="holds its base's weights: base_model= does not apply"):
+        on_base_folder.save_pretrained(tmp_path / "full", save_base_model=True)
+        ClaraForRAG.from_pretrained(tmp_path / "full", base_model=tiny_base_dir)
+
+
+def test_full_saves_stay_available_and_a_folder_holds_one_format(on_base_folder, clara, tmp_path):
+    folder = tmp_path / "clara"
+    on_base_folder.save_pretrained(folder, save_base_model=True)
+    assert (folder / "model.safetensors").is_file() and not (folder / "clara_adapters.safetensors").exists()
+    on_base_folder.save_pretrained(folder)  # adapter-only over the full save: the stale full weights go
+    assert (folder / "clara_adapters.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="base has no name or path"):
+        clara.save_pretrained(tmp_path / "unreferenced", save_base_model=False)
+    with pytest.raises(TypeError, match="max_shard_size"):
+        on_base_folder.save_pretrained(tmp_path / "x", max_shard_size="1MB")
+
+
 REMOTE_CODE_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -243,8 +311,13 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_remote_code_loads_in_a_process_without_the_package(saved, tmp_path_factory):
+@pytest.mark.parametrize("checkpoint", ["full", "adapter-only"])
+def test_remote_code_loads_in_a_process_without_the_package(saved, on_base_folder, tmp_path_factory, checkpoint):
     model, directory = saved
+    if checkpoint == "adapter-only":
+        model, directory = on_base_folder, tmp_path_factory.mktemp("adapter_only")
+        model.save_pretrained(directory)
+        assert (directory / "base_models.py").is_file()  # the remote code loads the base with it
     expected_path = tmp_path_factory.mktemp("expected") / "expected.safetensors"
     save_file(
         {

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from safetensors.torch import load_file
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_clara import ClaraForRAG
+from modeling_clara.modeling_clara import ADAPTER_WEIGHTS_FILE
 
 from .clara_config import ClaraTrainingConfig
 from .data import load_rows
@@ -225,6 +227,15 @@ class ClaraTrainer(Trainer):
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.accelerator.unwrap_model(self.model).config.training_stage = self.stage
         return output
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Adapter-only checkpoints (the default) hold the adapters and added-token embeddings; the frozen base is
+        the one this run already loaded."""
+        adapter_file = Path(resume_from_checkpoint) / ADAPTER_WEIGHTS_FILE
+        if not adapter_file.is_file():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        model.load_own_weights(load_file(adapter_file), str(adapter_file))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         self.accelerator.unwrap_model(self.model).config.training_stage = self.stage
