@@ -1,4 +1,4 @@
-"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`, `evaluate`.
+"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`, `evaluate`, `convert-official`.
 
 Each command's options are the fields of its config dataclasses (`clara COMMAND --help` lists every one, with its
 help and default); `train` also reads a YAML recipe of those fields with `--config`, and flags override it.
@@ -200,11 +200,34 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _convert_official(argv: list[str]) -> int:
+    import logging
+
+    from modeling_clara.convert_official_clara import convert_official_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="clara convert-official",
+        allow_abbrev=False,
+        description="Convert a checkpoint of the reference release (apple/CLaRa-7B-Base, -Instruct or -E2E, one "
+        "compression-* folder, downloaded) into a ClaraForRAG folder (adapter-only, the base referenced).",
+    )
+    parser.add_argument("source", help="The reference checkpoint folder (config.json, adapters.pth, decoder_first_last_layers.pth).")
+    parser.add_argument("destination", help="Output folder for the ClaraForRAG checkpoint.")
+    parser.add_argument("--base", default=None, help="The base LLM (path or hub id; default: the checkpoint's decoder_model_name).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model = convert_official_checkpoint(args.source, args.destination, base=args.base)
+    print(f"Converted {args.source} ({model.config.training_stage}, {model.config.num_memory_tokens} memory tokens) to "
+          f"{args.destination}.")
+    return 0
+
+
 COMMANDS = {
     "demo": (_demo, "Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress, answer."),
     "train": (_train, "Train one stage: clara train scp|instruct|joint [--config RECIPE] [--field value ...]."),
     "synthesize": (_synthesize, "Synthesize SCP training data from a corpus with a local or served LLM."),
     "evaluate": (_evaluate, "Evaluate a CLaRa model or a baseline: EM, F1, cover, Recall@k; JSON + markdown report."),
+    "convert-official": (_convert_official, "Convert a checkpoint of the reference release into a ClaraForRAG folder."),
 }
 
 
