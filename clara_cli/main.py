@@ -1,4 +1,5 @@
-"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`, `evaluate`, `convert-official`.
+"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`, `evaluate`, `compress`, `ask`,
+`convert-official`.
 
 Each command's options are the fields of its config dataclasses (`clara COMMAND --help` lists every one, with its
 help and default); `train` also reads a YAML recipe of those fields with `--config`, and flags override it.
@@ -8,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 __all__ = ["main", "parse_train_args"]
@@ -200,6 +202,96 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class CompressArguments:
+    """What `clara compress` compresses, and where the memory bank goes."""
+
+    model: str = field(metadata={"help": "A ClaraForRAG folder, or 'default' for the embedded default."})
+    corpus: str = field(metadata={"help": "JSONL, .txt (passages separated by blank lines), a folder of .txt, or a saved datasets folder."})
+    out: str = field(metadata={"help": "The memory bank folder (a rerun resumes it)."})
+    index: bool = field(default=False, metadata={"help": "Also build a FAISS index (pip install faiss-cpu)."})
+    text_field: str | None = field(
+        default=None, metadata={"help": "JSONL field with the text (default: text/contents/document/passage/docs)."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Documents compressed at once."})
+    shard_size: int = field(default=4096, metadata={"help": "Documents per shard file (the unit of memory use and resumption)."})
+    dtype: str = field(default="bfloat16", metadata={"help": "Stored dtype of the memories: bfloat16 or float32."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU (under accelerate launch: one CPU process each)."})
+
+
+@dataclass
+class AskArguments:
+    """The question `clara ask` answers from a memory bank."""
+
+    model: str = field(metadata={"help": "The ClaraForRAG folder that made the bank, or 'default'."})
+    bank: str = field(metadata={"help": "A memory bank folder (clara compress)."})
+    question: str = field(metadata={"help": "The question."})
+    k: int = field(default=5, metadata={"help": "Documents the generator reads (the top k of the bank)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated at most."})
+    json: bool = field(default=False, metadata={"help": "Print one JSON object (answer, documents, scores)."})
+
+
+def _compress(argv: list[str]) -> int:
+    import logging
+
+    from accelerate import PartialState
+    from transformers import HfArgumentParser
+
+    from data_synthesis import read_passages
+    from evaluation import load_model
+
+    parser = HfArgumentParser(
+        CompressArguments, prog="clara compress", allow_abbrev=False,
+        description="Compress a corpus once into a memory bank (sharded safetensors, resumable; under accelerate "
+        "launch each process takes its share).",
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    state = PartialState(cpu=args.use_cpu)
+    model = load_model(args.model).to(state.device)
+    counts = Counter()
+    bank = model.compress_corpus(
+        read_passages(args.corpus, args.text_field, counts=counts), args.out, args.batch_size, args.shard_size,
+        args.dtype, show_progress=True,
+    )
+    if counts:
+        logging.getLogger("clara").warning("Corpus lines skipped: %s.", dict(counts))
+    if args.index and state.is_main_process:
+        bank.build_index()
+    if state.is_main_process:
+        print(f"Memory bank at {args.out}: {len(bank)} documents, memories {tuple(bank.memories.shape)} "
+              f"{bank.manifest['dtype']}{', FAISS index' if args.index else ''}.")
+    return 0
+
+
+def _ask(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from evaluation import load_model
+    from modeling_clara import MemoryBank
+
+    parser = HfArgumentParser(
+        AskArguments, prog="clara ask", allow_abbrev=False,
+        description="Answer a question from a memory bank: the query reasoner ranks the bank, the generator reads "
+        "the top k documents' memories.",
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    bank = MemoryBank.load(args.bank)
+    model = load_model(args.model)
+    (answer,), scores, indices = model.answer_from_bank([args.question], bank, args.k, max_new_tokens=args.max_new_tokens)
+    documents = [
+        {"rank": rank + 1, "score": round(score, 4), "id": bank.ids[index], "text": bank.texts[index]}
+        for rank, (score, index) in enumerate(zip(scores[0].tolist(), indices[0].tolist()))
+    ]
+    if args.json:
+        print(json.dumps({"question": args.question, "answer": answer, "documents": documents}, ensure_ascii=False))
+        return 0
+    print(f"Q: {args.question}\nA: {answer}\n\nRetrieved ({len(bank)} documents in the bank):")
+    for document in documents:
+        print(f"  {document['rank']}. [{document['score']:.3f}] {document['id']}: {document['text'][:160]}")
+    return 0
+
+
 def _convert_official(argv: list[str]) -> int:
     import logging
 
@@ -227,6 +319,8 @@ COMMANDS = {
     "train": (_train, "Train one stage: clara train scp|instruct|joint [--config RECIPE] [--field value ...]."),
     "synthesize": (_synthesize, "Synthesize SCP training data from a corpus with a local or served LLM."),
     "evaluate": (_evaluate, "Evaluate a CLaRa model or a baseline: EM, F1, cover, Recall@k; JSON + markdown report."),
+    "compress": (_compress, "Compress a corpus once into a memory bank (resumable, sharded; accelerate launch splits it)."),
+    "ask": (_ask, "Answer a question from a memory bank: rank, read the top k memories, generate."),
     "convert-official": (_convert_official, "Convert a checkpoint of the reference release into a ClaraForRAG folder."),
 }
 

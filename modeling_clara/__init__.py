@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .base_models import EMBEDDED_BASE_MODEL, load_base_model
 from .configuration_clara import TRAINING_STAGES, ClaraConfig, TrainingStage
+from .memory_bank import MemoryBank
 from .modeling_clara import ClaraForRAG, ClaraOutput, ClaraPreTrainedModel, cosine_scores, differentiable_topk
 from .processing_clara import ClaraProcessor
 
@@ -27,6 +28,7 @@ __all__ = [
     "ClaraOutput",
     "ClaraPreTrainedModel",
     "ClaraProcessor",
+    "MemoryBank",
     "TrainingStage",
     "cosine_scores",
     "differentiable_topk",

@@ -40,6 +40,7 @@ from transformers.utils import ModelOutput, cached_file
 
 from .base_models import load_base_model
 from .configuration_clara import ClaraConfig
+from .memory_bank import MemoryBank, compress_corpus
 from .processing_clara import ClaraProcessor, check_texts
 
 logger = logging.getLogger(__name__)
@@ -830,6 +831,32 @@ class ClaraForRAG(ClaraPreTrainedModel):
             top = cosine_scores(query[None], candidate_memories)[0].topk(count).indices
             selected.append(candidate_memories[top])
         return self.generate_from_compressed(questions, selected, **generate_kwargs)
+
+    def compress_corpus(
+        self,
+        documents: Iterable[dict | str],
+        output: str | Path,
+        batch_size: int = 32,
+        shard_size: int = 4096,
+        dtype: str = "bfloat16",
+        show_progress: bool = True,
+    ) -> MemoryBank:
+        """Compresses a corpus once into a [`MemoryBank`] folder (streaming, sharded safetensors, resumable; split
+        across processes under `accelerate launch`). `documents`: `{"id", "text"}` dicts or strings."""
+        return compress_corpus(self, documents, output, batch_size, shard_size, dtype, show_progress)
+
+    @torch.no_grad()
+    def answer_from_bank(
+        self, questions: Sequence[str], bank: MemoryBank, k: int | None = None, **generate_kwargs
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Ranks the whole bank with the query reasoner, keeps the top k (default `generation_top_k`, capped at the
+        bank's size) and answers from their memories. Returns `(answers, scores [Q, k], indices [Q, k])`. A bank
+        made by another compressor is refused."""
+        bank.check_model(self)
+        k = k if k is not None else min(self.config.generation_top_k, len(bank))
+        scores, indices = bank.search(self.encode_queries(questions), k)
+        selected = bank.memories[indices].to(device=self.device, dtype=self.dtype)
+        return self.generate_from_compressed(questions, selected, **generate_kwargs), scores, indices
 
     @torch.no_grad()
     def generate_from_text(
