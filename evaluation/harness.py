@@ -19,7 +19,7 @@ from typing import Literal, get_args
 
 import torch
 
-from modeling_clara import EMBEDDED_BASE_MODEL, ClaraConfig, ClaraForRAG, cosine_scores, load_base_model
+from modeling_clara import EMBEDDED_BASE_MODEL, ClaraConfig, ClaraForRAG, MemoryBank, cosine_scores, load_base_model
 from trainers.data import load_rows
 
 __all__ = [
@@ -75,6 +75,13 @@ class EvaluationConfig:
     output: str | None = field(
         default=None, metadata={"help": "Report JSON path (a markdown table is written beside it, .md)."}
     )
+    bank: str | None = field(
+        default=None,
+        metadata={
+            "help": "A memory bank (clara compress) to retrieve from instead of each row's own candidates (clara "
+            "baseline); a row's positives are the bank documents whose text is one of its gold documents."
+        },
+    )
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows."})
     batch_size: int = field(default=16, metadata={"help": "Questions per generation batch."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per answer at most."})
@@ -91,6 +98,8 @@ class EvaluationConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1.")
+        if self.bank is not None and self.baseline != "clara":
+            raise ValueError(f"--bank is the corpus of the clara baseline, not of {self.baseline!r}.")
 
 
 def load_model(name: str, seed: int = 42) -> ClaraForRAG:
@@ -156,6 +165,18 @@ def bm25_rank(question: str, documents: list[str]) -> list[int]:
     return indices[0].tolist()
 
 
+def _bank_positives(bank: MemoryBank, rows) -> list[list[int]]:
+    """Per row, the bank indices of its gold documents (texts compared with whitespace normalised, as corpora are
+    read)."""
+    by_text = {}
+    for index, text in enumerate(bank.texts):
+        by_text.setdefault(" ".join(text.split()), []).append(index)
+    return [
+        sorted({index for i in row["positives"] for index in by_text.get(" ".join(row["documents"][i].split()), [])})
+        for row in rows
+    ]
+
+
 def _select(ranking: list[int], positives: list[int], k: int, setting: str) -> list[int]:
     if setting == "oracle":
         ranking = [*positives, *(i for i in ranking if i not in positives)]
@@ -175,8 +196,15 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
     if model is None and generates:
         model = load_model(config.model, config.seed)
     k = config.k or (model.config.generation_top_k if model is not None else ClaraConfig.generation_top_k)
+    bank = MemoryBank.load(config.bank) if config.bank else None
+    if bank is not None:
+        bank.check_model(model)
+        if k > len(bank):
+            raise ValueError(f"k={k} but the bank holds {len(bank)} documents.")
+        positives = _bank_positives(bank, rows)
+        rows = rows.remove_columns("positives").add_column("positives", positives)
     too_few = [i for i, row in enumerate(rows) if len(row["documents"]) < k and config.baseline != "closed-book"]
-    if too_few:
+    if too_few and bank is None:
         raise ValueError(f"k={k} but {len(too_few)} row(s) have fewer candidates (first: row {too_few[0]}).")
     dense = DenseRanker() if config.baseline == "dense" else None
 
@@ -185,7 +213,10 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
     for start in tqdm(starts, desc=f"Evaluating {config.baseline}", unit="batch", disable=not show_progress):
         batch = rows.select(range(start, min(start + config.batch_size, len(rows))))
         questions, documents = batch["question"], batch["documents"]
-        if config.baseline == "clara":
+        if bank is not None:
+            _, top = bank.search(model.encode_queries(questions, config.batch_size), k)
+            rankings, memories = top.tolist(), [bank.memories] * len(questions)
+        elif config.baseline == "clara":
             flat = model.compress_documents([d for candidates in documents for d in candidates], config.batch_size)
             memories = flat.split([len(candidates) for candidates in documents])
             queries = model.encode_queries(questions, config.batch_size)
@@ -202,7 +233,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
         selected = [_select(r, p, k, config.setting) for r, p in zip(rankings, batch["positives"])]
         answers = [None] * len(questions)
         if config.baseline == "clara":
-            chosen = [m[torch.tensor(s)] for m, s in zip(memories, selected)]
+            chosen = [m[torch.tensor(s)].to(device=model.device, dtype=model.dtype) for m, s in zip(memories, selected)]
             answers = model.generate_from_compressed(questions, chosen, max_new_tokens=config.max_new_tokens)
         elif config.baseline == "text":
             texts = [[d[i] for i in s] for d, s in zip(documents, selected)]

@@ -138,6 +138,23 @@ def test_a_report_path_that_cannot_be_written_fails_before_work(tmp_path, eval_f
         evaluate_model(config, show_progress=False)
 
 
+def test_a_memory_bank_can_be_the_corpus(llama_clara, eval_file, tmp_path):
+    corpus = [*DOCUMENTS, "An unrelated document about rivers and lakes."]
+    bank = llama_clara.compress_corpus(corpus, tmp_path / "bank", dtype="float32", show_progress=False)
+    config = EvaluationConfig(model="tiny", data=eval_file, k=2, max_new_tokens=3, bank=str(tmp_path / "bank"))
+    report = evaluate_model(config, model=llama_clara, show_progress=False)
+    questions = [p["question"] for p in report["predictions"]]
+    answers, _, indices = llama_clara.answer_from_bank(questions, bank, k=2, max_new_tokens=3)
+    assert [p["selected"] for p in report["predictions"]] == indices.tolist()
+    assert [p["prediction"] for p in report["predictions"]] == answers
+    gold = [[corpus.index(row["docs"][i]) for i in row.get("pos_index", [])] for row in eval_rows()]
+    assert [p["positives"] for p in report["predictions"]] == gold
+    hits = [len(set(s) & set(g)) for s, g in zip(indices.tolist(), gold) if g]
+    assert report["aggregate"]["recall@2"] == pytest.approx(100 * sum(hits) / len(hits))
+    with pytest.raises(ValueError, match="--bank is the corpus of the clara baseline"):
+        EvaluationConfig(model="tiny", data=eval_file, baseline="text", bank=str(tmp_path / "bank"))
+
+
 def test_limit_takes_the_first_rows(llama_clara, eval_file):
     config = EvaluationConfig(model="tiny", data=eval_file, k=1, limit=2, baseline="closed-book", max_new_tokens=2)
     report = evaluate_model(config, model=llama_clara, show_progress=False)
