@@ -1,5 +1,5 @@
 """`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`, `evaluate`, `compress`, `ask`,
-`convert-official`.
+`push`, `convert-official`.
 
 Each command's options are the fields of its config dataclasses (`clara COMMAND --help` lists every one, with its
 help and default); `train` also reads a YAML recipe of those fields with `--config`, and flags override it.
@@ -292,6 +292,36 @@ def _ask(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class PushArguments:
+    """What `clara push` publishes."""
+
+    folder: str = field(metadata={"help": "A saved ClaraForRAG folder (a training stage's output, clara convert-official, ...)."})
+    repo_id: str = field(metadata={"help": "The Hub repository, e.g. my-org/clara-smollm2-cr16."})
+    private: bool = field(default=False, metadata={"help": "Create the repository private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if needed; default main)."})
+    eval_report: list[str] = field(default_factory=list, metadata={"help": "clara evaluate --output files for the card's results table."})
+    license: str = field(default="apache-2.0", metadata={"help": "License in the card's metadata (the base model's)."})
+    datasets: list[str] = field(default_factory=list, metadata={"help": "Hub ids of the training datasets, for the card."})
+
+
+def _push(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from modeling_clara.release import push_release
+
+    parser = HfArgumentParser(
+        PushArguments, prog="clara push", allow_abbrev=False,
+        description="Upload a saved CLaRa to the Hub with a model card made from its config, training record and "
+        "evaluation reports (the token is read from HF_TOKEN or `hf auth login`).",
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    commit = push_release(args.folder, args.repo_id, args.private or None, args.revision, args.eval_report,
+                          args.license, args.datasets)
+    print(f"Pushed {args.folder} to https://huggingface.co/{args.repo_id} (commit {commit}).")
+    return 0
+
+
 def _convert_official(argv: list[str]) -> int:
     import logging
 
@@ -321,6 +351,7 @@ COMMANDS = {
     "evaluate": (_evaluate, "Evaluate a CLaRa model or a baseline: EM, F1, cover, Recall@k; JSON + markdown report."),
     "compress": (_compress, "Compress a corpus once into a memory bank (resumable, sharded; accelerate launch splits it)."),
     "ask": (_ask, "Answer a question from a memory bank: rank, read the top k memories, generate."),
+    "push": (_push, "Upload a saved CLaRa to the Hub with a generated model card."),
     "convert-official": (_convert_official, "Convert a checkpoint of the reference release into a ClaraForRAG folder."),
 }
 

@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, nullcontext
@@ -327,6 +328,27 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 path.unlink(missing_ok=True)
             processor.save_pretrained(save_directory)
             self.generation_config.save_pretrained(save_directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        revision: str | None = None,
+        eval_reports: Sequence[str] = (),
+        license: str = "apache-2.0",
+        datasets: Sequence[str] = (),
+        save_base_model: bool | None = None,
+        token: str | None = None,
+        api=None,
+    ) -> str:
+        """Publishes a complete release: `save_pretrained` (adapter-only by default) plus a model card from the
+        config, the training record and `eval_reports` (`clara evaluate --output` files). Returns the commit the
+        card's usage snippet pins. `api`: a `huggingface_hub.HfApi` or a stand-in with its methods."""
+        from .release import push_release
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, save_base_model=save_base_model)
+            return push_release(folder, repo_id, private, revision, list(eval_reports), license, list(datasets), api, token)
 
     def _save_adapter_weights(
         self, save_directory, state_dict=None, is_main_process: bool = True, safe_serialization: bool = True, **kwargs

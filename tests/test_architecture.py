@@ -16,7 +16,7 @@ ALLOWED = {
     "evaluation": {"modeling_clara", "trainers"},
     "clara_cli": {"modeling_clara", "trainers", "data_synthesis", "evaluation"},
 }
-REMOTE_CODE = ("configuration_clara.py", "processing_clara.py", "modeling_clara.py", "base_models.py", "memory_bank.py")
+REMOTE_CODE = ("configuration_clara.py", "processing_clara.py", "modeling_clara.py", "base_models.py", "memory_bank.py", "release.py")
 # tqdm and safetensors: transformers dependencies; faiss: imported only to build or use a bank's optional index
 REMOTE_CODE_IMPORTS = {"torch", "transformers", "peft", "jinja2", "huggingface_hub", "tqdm", "safetensors", "faiss"}
 

@@ -2,9 +2,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from modeling_clara import ClaraConfig, ClaraForRAG, ClaraProcessor
-from testing_utils import DOCUMENTS, build_base, randomize_adapters
+from testing_utils import DOCUMENTS, assert_loads_as_remote_code, build_base, randomize_adapters
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
 
@@ -288,29 +285,6 @@ def test_full_saves_stay_available_and_a_folder_holds_one_format(on_base_folder,
         on_base_folder.save_pretrained(tmp_path / "x", max_shard_size="1MB")
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["modeling_clara"] = None  # the package must not be importable in this process
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoProcessor
-
-    directory, expected_path = sys.argv[1], sys.argv[2]
-    model = AutoModel.from_pretrained(directory, trust_remote_code=True)
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    expected = load_file(expected_path)
-    documents = ["{0}", "{1}"]
-    assert torch.equal(model.compress_documents(documents), expected["documents"])
-    assert torch.equal(model.encode_queries(["Where is it?"]), expected["queries"])
-    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
-    assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
-    assert processor.memory_token_ids == model.config.memory_token_ids
-    print("REMOTE-OK", type(model).__name__, type(processor).__name__)
-    """
-)
-
-
 @pytest.mark.parametrize("checkpoint", ["full", "adapter-only"])
 def test_remote_code_loads_in_a_process_without_the_package(saved, on_base_folder, tmp_path_factory, checkpoint):
     model, directory = saved
@@ -318,24 +292,4 @@ def test_remote_code_loads_in_a_process_without_the_package(saved, on_base_folde
         model, directory = on_base_folder, tmp_path_factory.mktemp("adapter_only")
         model.save_pretrained(directory)
         assert (directory / "base_models.py").is_file()  # the remote code loads the base with it
-    expected_path = tmp_path_factory.mktemp("expected") / "expected.safetensors"
-    save_file(
-        {
-            "documents": model.compress_documents(DOCUMENTS[:2]),
-            "queries": model.encode_queries(["Where is it?"]),
-        },
-        expected_path,
-    )
-    script = REMOTE_CODE_SCRIPT.replace("{0}", DOCUMENTS[0]).replace("{1}", DOCUMENTS[1])
-    home = tmp_path_factory.mktemp("hf_home")
-    environment = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(directory), str(expected_path)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=home,  # not the project root, whose packages would be importable
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-OK ClaraForRAG ClaraProcessor" in result.stdout
+    assert_loads_as_remote_code(directory, model, tmp_path_factory.mktemp("remote"))

@@ -181,3 +181,52 @@ def component_parameters(model, *components):
             elif component != "added_token_embeddings" and f".{model.adapter_names[component]}." in name:
                 names.add(name)
     return names
+
+
+REMOTE_CODE_SCRIPT = """
+import json, sys
+sys.modules["modeling_clara"] = None  # the package must not be importable in this process
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoProcessor
+
+directory, expected_path = sys.argv[1], sys.argv[2]
+expected = load_file(expected_path)
+documents, question = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+model = AutoModel.from_pretrained(directory, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert torch.equal(model.compress_documents(documents), expected["documents"])
+assert torch.equal(model.encode_queries([question]), expected["queries"])
+answers = model.answer([question], [documents], k=1, max_new_tokens=4)
+processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
+assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+assert processor.memory_token_ids == model.config.memory_token_ids
+print("REMOTE-OK", type(model).__name__, type(processor).__name__, json.dumps(answers))
+"""
+
+
+def assert_loads_as_remote_code(directory, model, work_dir) -> None:
+    """`directory` loads with `AutoModel.from_pretrained(..., trust_remote_code=True)` in a clean, offline process
+    where this package cannot be imported, and gives `model`'s memories, query memories and answers exactly."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    documents, question = DOCUMENTS[:2], "Where is it?"
+    expected_path = work_dir / "expected.safetensors"
+    save_file({"documents": model.compress_documents(documents), "queries": model.encode_queries([question])}, expected_path)
+    expected_answers = model.answer([question], [documents], k=1, max_new_tokens=4)
+    home = work_dir / "hf_home"
+    home.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(directory), str(expected_path), json.dumps(documents), json.dumps(question)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
+        cwd=home,  # not the project root, whose packages would be importable
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"REMOTE-OK ClaraForRAG ClaraProcessor {json.dumps(expected_answers)}" in result.stdout

@@ -23,8 +23,12 @@ from .model_config import ARCHITECTURE_FIELDS, ClaraModelConfig
 __all__ = ["ClaraTrainer"]
 
 TRUNCATION_METRICS = ("truncated_documents", "truncated_questions", "truncated_answers")
-# Written into every checkpoint and output: what a resumed run must match.
+# Written into every checkpoint and output: what a resumed run must match, and the recipe for the model card.
 TRAINING_RECORD = "clara_training.json"
+RECIPE_FIELDS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "max_length", "weight_decay", "max_grad_norm", "seed", "bf16",
+)
 
 
 class ClaraTrainer(Trainer):
@@ -81,7 +85,12 @@ class ClaraTrainer(Trainer):
         model_args.apply_to(model)
         self.prepare_model(model, args)
         model.set_trainable_components(self.trainable_components)
-        self.training_record = {"stage": self.stage, "train_file": _fingerprint(args.train_file)}
+        self.training_record = {
+            "stage": self.stage,
+            "train_file": _fingerprint(args.train_file),
+            # For the model card: the settings that make the recipe (the model's own are in config.json).
+            "recipe": {name: getattr(args, name) for name in RECIPE_FIELDS} | {"world_size": args.world_size},
+        }
         if train_dataset is None and args.train_file:
             train_dataset = self.load_data(args.train_file, model, args)
         if eval_dataset is None and args.eval_file:
