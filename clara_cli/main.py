@@ -8,41 +8,10 @@ help and default); `train` also reads a YAML recipe of those fields with `--conf
 import argparse
 import json
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 __all__ = ["main", "parse_train_args"]
-
-DEMO_PASSAGES = [
-    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
-    "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.",
-    "Marie Curie was a Polish and naturalised-French physicist and chemist who conducted pioneering research on "
-    "radioactivity. She was the first woman to win a Nobel Prize and the only person to win it in two sciences.",
-    "The Amazon River in South America is the largest river by discharge volume of water in the world. It flows "
-    "from the Andes to the Atlantic Ocean through Peru, Colombia and Brazil.",
-]
-DEMO_QUESTION = "Whose company built the Eiffel Tower?"
-
-
-@dataclass
-class DemoArguments:
-    """What `clara demo` asks and prints; the model it builds is set by the `ClaraModelConfig` fields."""
-
-    question: str = field(default=DEMO_QUESTION, metadata={"help": "Question about the three demo passages."})
-    k: int = field(default=1, metadata={"help": "Passages the generator reads (the top k of the ranking)."})
-    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per answer at most."})
-    seed: int = field(default=42, metadata={"help": "Seed of the new adapters and added-token embeddings."})
-    save: str | None = field(default=None, metadata={"help": "Directory to save the built model to."})
-
-    def __post_init__(self):
-        if not 1 <= self.k <= len(DEMO_PASSAGES):
-            raise ValueError(f"--k {self.k}: the generator reads between 1 and {len(DEMO_PASSAGES)} demo passages.")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-        if not self.question.strip():
-            raise ValueError("--question is empty.")
-
 
 @dataclass
 class SynthesizeArguments:
@@ -60,48 +29,20 @@ class SynthesizeArguments:
 
 
 def _demo(argv: list[str]) -> int:
-    import torch
+    import logging
+
     from transformers import HfArgumentParser
 
-    from modeling_clara import EMBEDDED_BASE_MODEL, ClaraForRAG, load_base_model
-    from trainers import ClaraModelConfig
+    from .demo import DemoArguments, run_demo
 
     parser = HfArgumentParser(
-        (DemoArguments, ClaraModelConfig),
-        prog="clara demo",
-        allow_abbrev=False,
-        description="Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress three "
-        "passages, rank them for a question, answer from the memories and from the raw text.",
+        DemoArguments, prog="clara demo", allow_abbrev=False,
+        description="Compress a small real corpus (the Python Language Reference shipped with Python) into a memory "
+        "bank, answer questions from it with CLaRa and with text RAG side by side, with the timings.",
     )
-    args, model_args = parser.parse_args_into_dataclasses(args=argv)
-    torch.manual_seed(args.seed)
-    started = time.perf_counter()
-    base, tokenizer = load_base_model(model_args.model_name_or_path or EMBEDDED_BASE_MODEL)
-    base_parameters = base.num_parameters()
-    model = ClaraForRAG.from_base_model(base, tokenizer, **model_args.config_overrides())
-    processor = model.processor
-    print(f"Built ClaraForRAG on {base.config.model_type} ({base_parameters / 1e6:.1f}M parameters) "
-          f"in {time.perf_counter() - started:.1f}s; {model.config.num_memory_tokens} memory tokens per document.")
-
-    started = time.perf_counter()
-    memories = model.compress_documents(DEMO_PASSAGES)
-    token_counts = [len(ids) for ids in processor.tokenizer(DEMO_PASSAGES, add_special_tokens=False)["input_ids"]]
-    print(f"Compressed {len(DEMO_PASSAGES)} passages ({sum(token_counts)} tokens) into memories of shape "
-          f"{tuple(memories.shape)} in {time.perf_counter() - started:.2f}s.")
-    scores, indices = model.retrieve([args.question], memories, k=len(DEMO_PASSAGES))
-    ranking = ", ".join(f"#{i} ({s:.3f})" for s, i in zip(scores[0].tolist(), indices[0].tolist()))
-    print(f"Query-reasoner ranking for {args.question!r}: {ranking}")
-
-    started = time.perf_counter()
-    compressed_answer = model.answer([args.question], [DEMO_PASSAGES], k=args.k, max_new_tokens=args.max_new_tokens)
-    print(f"Answer from {args.k} compressed passage(s) ({time.perf_counter() - started:.1f}s): {compressed_answer[0]!r}")
-    started = time.perf_counter()
-    text_answer = model.generate_from_text([args.question], [DEMO_PASSAGES], max_new_tokens=args.max_new_tokens)
-    print(f"Answer from the raw text, base model ({time.perf_counter() - started:.1f}s): {text_answer[0]!r}")
-    print("The adapters are untrained: answers from memories become meaningful after stage-1 (SCP) training.")
-    if args.save:
-        model.save_pretrained(args.save)
-        print(f"Saved the model to {args.save} (loads with AutoModel.from_pretrained).")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_demo(args)
     return 0
 
 

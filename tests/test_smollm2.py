@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from clara_cli.main import DEMO_PASSAGES
 from modeling_clara import EMBEDDED_BASE_MODEL, ClaraForRAG, load_base_model
 from modeling_clara.base_models import embedded_model_folder
 
@@ -28,7 +27,12 @@ def test_clara_on_smollm2_answers_from_two_real_passages():
     with torch.no_grad(), model.adapter(None):
         assert torch.equal(model.language_model(**probe).logits, base_logits)
 
-    passages = DEMO_PASSAGES[:2]
+    passages = [
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the "
+        "engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.",
+        "Marie Curie was a Polish and naturalised-French physicist and chemist who conducted pioneering research on "
+        "radioactivity. She was the first woman to win a Nobel Prize and the only person to win it in two sciences.",
+    ]
     questions = ["Whose company built the Eiffel Tower?", "Which prize was Marie Curie the first woman to win?"]
     memories = model.compress_documents(passages)
     assert memories.shape == (2, 8, base.config.hidden_size)
