@@ -115,15 +115,14 @@ def compress_corpus(
         if leftover.name.removesuffix(".jsonl").removesuffix(".safetensors") not in done:
             leftover.unlink()  # half-written by a crash
 
-    total = len(documents) if hasattr(documents, "__len__") else None
-    progress = tqdm(total=total, desc="Compressing corpus", unit="doc", disable=not show_progress or rank != 0)
-    entries, memories, skipped = [], [], 0
+    show = show_progress and rank == 0
+    progress = tqdm(desc="Documents compressed", unit="doc", disable=not show)  # per shard; batches below
+    entries, skipped = [], 0
     shard_number = len(done)
     was_training = model.training
     model.eval()
     try:
         for position, document in enumerate(documents):
-            progress.update(1)
             if position % world_size != rank or position <= resume_after:
                 continue
             entry = {"index": position, **(_document(document, position))}
@@ -131,13 +130,13 @@ def compress_corpus(
                 skipped += 1
                 continue
             entries.append(entry)
-            if len(entries) % batch_size == 0:
-                memories.append(_compress(model, entries[-batch_size:], batch_size, dtype))
             if len(entries) == shard_size:
-                _write_shard(output, rank, shard_number, entries, memories, batch_size, model, dtype)
-                shard_number, entries, memories = shard_number + 1, [], []
+                _write_shard(output, rank, shard_number, entries, batch_size, model, dtype, show)
+                progress.update(len(entries))
+                shard_number, entries = shard_number + 1, []
         if entries:
-            _write_shard(output, rank, shard_number, entries, memories, batch_size, model, dtype)
+            _write_shard(output, rank, shard_number, entries, batch_size, model, dtype, show)
+            progress.update(len(entries))
     finally:
         model.train(was_training)
         progress.close()
@@ -164,20 +163,14 @@ def _document(document: dict | str, position: int) -> dict:
     return {"id": str(document.get("id", position)), "text": document["text"]}
 
 
-def _compress(model, entries: list[dict], batch_size: int, dtype: str) -> torch.Tensor:
-    texts = [entry["text"] for entry in entries]
-    return model.compress_documents(texts, batch_size=batch_size).to("cpu", DTYPES[dtype])
-
-
-def _write_shard(output: Path, rank: int, number: int, entries, memories, batch_size, model, dtype) -> None:
-    compressed = sum(len(m) for m in memories)
-    if compressed < len(entries):  # the shard's last, partial batch
-        memories = [*memories, _compress(model, entries[compressed:], batch_size, dtype)]
+def _write_shard(output: Path, rank: int, number: int, entries: list[dict], batch_size: int, model, dtype: str, show: bool) -> None:
+    # A whole shard at a time: compress_documents batches it by length.
+    memories = model.compress_documents([entry["text"] for entry in entries], batch_size, show_progress_bar=show)
     name = f"shard-r{rank:03d}-{number:05d}"
     with (output / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries))
     temporary = output / f"{name}.safetensors.tmp"
-    save_file({"memories": torch.cat(memories).contiguous()}, temporary)
+    save_file({"memories": memories.to("cpu", DTYPES[dtype]).contiguous()}, temporary)
     os.replace(temporary, output / f"{name}.safetensors")  # the shard is complete from here on
 
 

@@ -735,6 +735,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         kind = "document" if component == "compressor" else "question"
         check_texts(texts, kind)
+        # Batches of similar lengths (by characters, a cheap proxy for tokens) pad less; results return in order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         starts = range(0, len(texts), batch_size)
         if show_progress_bar:
             from tqdm.auto import tqdm
@@ -742,10 +744,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
             starts = tqdm(starts, desc=f"Encoding {kind}s", unit="batch")
         chunks = []
         for start in starts:
-            batch = self.processor.tokenize_for_compression(texts[start : start + batch_size], kind)
+            batch = self.processor.tokenize_for_compression([texts[i] for i in order[start : start + batch_size]], kind)
             batch = {key: value.to(self.device) for key, value in batch.items()}
             chunks.append(self.memory_states(batch["input_ids"], batch["attention_mask"], component)[0])
-        return torch.cat(chunks)
+        memories = torch.cat(chunks)
+        return memories[torch.tensor(order, device=memories.device).argsort()]
 
     def compress_documents(
         self, texts: Sequence[str], batch_size: int = 32, show_progress_bar: bool = False
