@@ -3,7 +3,8 @@
     python benchmarks/performance.py                      # SmolLM2-135M-Instruct and a Mistral-7B-shaped model
     python benchmarks/performance.py --sections latency   # one part; --help lists every setting
 
-Sections (each writes its rows into `results.json` as it finishes, then `docs/performance.md` is rendered):
+Sections (each writes its rows into `results.json` as it finishes, then `docs/performance_tables.md` is rendered;
+`docs/performance.md` reads them):
 - latency: answering Q questions from 5 documents of 256 tokens; CLaRa at compression 4, 16, 32 (the documents'
   memories computed beforehand, as a bank would hold them) against text RAG (the bare base reads the same 5
   documents' text), and the bare base decoding from a prompt as long as CLaRa's: prompt tokens, time to first token,
@@ -52,7 +53,10 @@ class PerformanceConfig:
     training_rows: int = field(default=4, metadata={"help": "Rows per training step."})
     bank_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000], metadata={"help": "Bank sizes."})
     output: str = field(default=str(ROOT / "outputs" / "performance" / "results.json"), metadata={"help": "Raw results."})
-    docs: str = field(default=str(ROOT / "docs" / "performance.md"), metadata={"help": "The rendered report."})
+    docs: str = field(
+        default=str(ROOT / "docs" / "performance_tables.md"),
+        metadata={"help": "The generated tables (docs/performance.md is their hand-written reading)."},
+    )
     render_only: bool = field(default=False, metadata={"help": "Only render docs from --output."})
 
     def __post_init__(self):
