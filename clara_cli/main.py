@@ -7,6 +7,7 @@ help and default); `train` also reads a YAML recipe of those fields with `--conf
 
 import argparse
 import json
+import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,20 +29,25 @@ class SynthesizeArguments:
     shard: str = field(default="0/1", metadata={"help": "i/n: process only this machine's share of the passages."})
 
 
-def _demo(argv: list[str]) -> int:
-    import logging
-
+def _parse(argv: list[str], config_classes, prog: str, description: str, log_level: int = logging.INFO):
+    """A command's config dataclasses from `argv` (unknown options and abbreviations raise), and logging set up."""
     from transformers import HfArgumentParser
 
+    parser = HfArgumentParser(config_classes, prog=prog, allow_abbrev=False, description=description)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    return parsed
+
+
+def _demo(argv: list[str]) -> int:
     from .demo import DemoArguments, run_demo
 
-    parser = HfArgumentParser(
-        DemoArguments, prog="clara demo", allow_abbrev=False,
-        description="Compress a small real corpus (the Python Language Reference shipped with Python) into a memory "
-        "bank, answer questions from it with CLaRa and with text RAG side by side, with the timings.",
+    (args,) = _parse(
+        argv, DemoArguments, "clara demo",
+        "Compress a small real corpus (the Python Language Reference shipped with Python) into a memory bank, answer "
+        "questions from it with CLaRa and with text RAG side by side, with the timings.",
+        logging.WARNING,
     )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_demo(args)
     return 0
 
@@ -83,10 +89,6 @@ def _train(argv: list[str]) -> int:
 
 
 def _synthesize(argv: list[str]) -> int:
-    import logging
-
-    from transformers import HfArgumentParser
-
     from data_synthesis import (
         BackendConfig,
         BackendUnavailableError,
@@ -95,17 +97,13 @@ def _synthesize(argv: list[str]) -> int:
         run_synthesis,
     )
 
-    parser = HfArgumentParser(
-        (SynthesizeArguments, BackendConfig, SynthesisConfig),
-        prog="clara synthesize",
-        allow_abbrev=False,
-        description="Synthesize SCP training data (QA, complex QA, paraphrases, verification) from a corpus.",
+    args, backend_config, synthesis_config = _parse(
+        argv, (SynthesizeArguments, BackendConfig, SynthesisConfig), "clara synthesize",
+        "Synthesize SCP training data (QA, complex QA, paraphrases, verification) from a corpus.",
     )
-    args, backend_config, synthesis_config = parser.parse_args_into_dataclasses(args=argv)
     shard_index, _, num_shards = args.shard.partition("/")
     if not (shard_index.isdigit() and num_shards.isdigit()):
         raise SystemExit(f"--shard must look like i/n, got {args.shard!r}.")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = run_synthesis(
             args.input,
@@ -124,20 +122,12 @@ def _synthesize(argv: list[str]) -> int:
 
 
 def _evaluate(argv: list[str]) -> int:
-    import logging
-
-    from transformers import HfArgumentParser
-
     from evaluation import EvaluationConfig, evaluate_model, markdown_report
 
-    parser = HfArgumentParser(
-        EvaluationConfig,
-        prog="clara evaluate",
-        allow_abbrev=False,
-        description="Answer quality (EM, token F1, cover) and Recall@k of a CLaRa model or a baseline.",
+    (config,) = _parse(
+        argv, EvaluationConfig, "clara evaluate",
+        "Answer quality (EM, token F1, cover) and Recall@k of a CLaRa model or a baseline.",
     )
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = evaluate_model(config)
     print(markdown_report([report]), end="")
     return 0
@@ -173,21 +163,16 @@ class AskArguments:
 
 
 def _compress(argv: list[str]) -> int:
-    import logging
-
     from accelerate import PartialState
-    from transformers import HfArgumentParser
 
     from data_synthesis import read_passages
     from evaluation import load_model
 
-    parser = HfArgumentParser(
-        CompressArguments, prog="clara compress", allow_abbrev=False,
-        description="Compress a corpus once into a memory bank (sharded safetensors, resumable; under accelerate "
-        "launch each process takes its share).",
+    (args,) = _parse(
+        argv, CompressArguments, "clara compress",
+        "Compress a corpus once into a memory bank (sharded safetensors, resumable; under accelerate launch each "
+        "process takes its share).",
     )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     state = PartialState(cpu=args.use_cpu)
     model = load_model(args.model).to(state.device)
     counts = Counter()
@@ -206,17 +191,15 @@ def _compress(argv: list[str]) -> int:
 
 
 def _ask(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
-
     from evaluation import load_model
     from modeling_clara import MemoryBank
 
-    parser = HfArgumentParser(
-        AskArguments, prog="clara ask", allow_abbrev=False,
-        description="Answer a question from a memory bank: the query reasoner ranks the bank, the generator reads "
-        "the top k documents' memories.",
+    (args,) = _parse(
+        argv, AskArguments, "clara ask",
+        "Answer a question from a memory bank: the query reasoner ranks the bank, the generator reads the top k "
+        "documents' memories.",
+        logging.WARNING,
     )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
     bank = MemoryBank.load(args.bank)
     model = load_model(args.model)
     (answer,), scores, indices = model.answer_from_bank([args.question], bank, args.k, max_new_tokens=args.max_new_tokens)
@@ -247,16 +230,13 @@ class PushArguments:
 
 
 def _push(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
-
     from modeling_clara.release import push_release
 
-    parser = HfArgumentParser(
-        PushArguments, prog="clara push", allow_abbrev=False,
-        description="Upload a saved CLaRa to the Hub with a model card made from its config, training record and "
-        "evaluation reports (the token is read from HF_TOKEN or `hf auth login`).",
+    (args,) = _parse(
+        argv, PushArguments, "clara push",
+        "Upload a saved CLaRa to the Hub with a model card made from its config, training record and evaluation "
+        "reports (the token is read from HF_TOKEN or `hf auth login`).",
     )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
     commit = push_release(args.folder, args.repo_id, args.private or None, args.revision, args.eval_report,
                           args.license, args.datasets)
     print(f"Pushed {args.folder} to https://huggingface.co/{args.repo_id} (commit {commit}).")
@@ -264,8 +244,6 @@ def _push(argv: list[str]) -> int:
 
 
 def _convert_official(argv: list[str]) -> int:
-    import logging
-
     from modeling_clara.convert_official_clara import convert_official_checkpoint
 
     parser = argparse.ArgumentParser(
@@ -286,7 +264,7 @@ def _convert_official(argv: list[str]) -> int:
 
 
 COMMANDS = {
-    "demo": (_demo, "Build a CLaRa on a base LLM (default: the embedded SmolLM2-135M-Instruct), compress, answer."),
+    "demo": (_demo, "Compress a small real corpus into a memory bank; answer from it with CLaRa and text RAG, timed."),
     "train": (_train, "Train one stage: clara train scp|instruct|joint [--config RECIPE] [--field value ...]."),
     "synthesize": (_synthesize, "Synthesize SCP training data from a corpus with a local or served LLM."),
     "evaluate": (_evaluate, "Evaluate a CLaRa model or a baseline: EM, F1, cover, Recall@k; JSON + markdown report."),
