@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, LogitsProcessorList, MistralConfig, MistralForCausalLM
 
+from clara_cli.demo import FirstTokenTimer, python_reference_corpus
 from evaluation.harness import machine_description
 from modeling_clara import ClaraForRAG, MemoryBank, load_base_model
 
@@ -104,17 +105,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-class FirstTokenTimer:
-    def __init__(self):
-        self.first = None
-
-    def __call__(self, input_ids, scores):
-        if self.first is None:
-            _sync()
-            self.first = time.perf_counter()
-        return scores
-
-
 # ---------------------------------------------------------------- models and text
 
 
@@ -139,10 +129,9 @@ def build_model(name: str, config: PerformanceConfig, compression_rate: int = 32
     return ClaraForRAG.from_base_model(base, tokenizer, compression_rate=compression_rate, doc_max_length=256)
 
 
-def real_documents(count: int, tokens: int = 256) -> list[str]:
-    """Real prose, each cut to exactly `tokens` SmolLM2 tokens: the Python Language Reference shipped with Python."""
-    from clara_cli.demo import python_reference_corpus
-
+def real_documents(count: int) -> list[str]:
+    """`count` overlapping stretches of 400 words of real prose (the Python Language Reference shipped with Python),
+    more than 256 tokens each: `cut_to_tokens` makes them exactly as long as a benchmark needs."""
     text = " ".join(passage["text"] for passage in python_reference_corpus())
     words = text.split()
     return [" ".join(words[(i * 180) % (len(words) - 400) :][:400]) for i in range(count)]

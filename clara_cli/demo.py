@@ -13,7 +13,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["DEMO_QUESTIONS", "DemoArguments", "python_reference_corpus", "run_demo"]
+import torch
+
+__all__ = ["DEMO_QUESTIONS", "DemoArguments", "FirstTokenTimer", "python_reference_corpus", "run_demo"]
 
 DEMO_QUESTIONS = [
     "What happens when a pass statement is executed?",
@@ -64,14 +66,17 @@ def python_reference_corpus() -> list[dict[str, str]]:
     return passages
 
 
-class _FirstTokenTimer:
-    """A logits processor that records when the first token is chosen (the end of the prompt's prefill)."""
+class FirstTokenTimer:
+    """A logits processor that records when the first token is chosen (the end of the prompt's prefill); on a GPU
+    it waits for the device first, so the time is the computation's."""
 
     def __init__(self):
         self.first = None
 
     def __call__(self, input_ids, scores):
         if self.first is None:
+            if scores.is_cuda:
+                torch.cuda.synchronize(scores.device)
             self.first = time.perf_counter()
         return scores
 
@@ -79,7 +84,7 @@ class _FirstTokenTimer:
 def _timed_generation(generate, *args, **kwargs) -> tuple[list[str], float, float]:
     from transformers import LogitsProcessorList
 
-    timer, started = _FirstTokenTimer(), time.perf_counter()
+    timer, started = FirstTokenTimer(), time.perf_counter()
     answers = generate(*args, logits_processor=LogitsProcessorList([timer]), **kwargs)
     return answers, timer.first - started, time.perf_counter() - started
 
