@@ -8,9 +8,11 @@ Sections (each writes its rows into `results.json` as it finishes, then `docs/pe
 - latency: answering Q questions from 5 documents of 256 tokens; CLaRa at compression 4, 16, 32 (the documents'
   memories computed beforehand, as a bank would hold them) against text RAG (the bare base reads the same 5
   documents' text), and the bare base decoding from a prompt as long as CLaRa's: prompt tokens, time to first token,
-  decode tokens/s, total time per question, peak memory above the loaded model; batch 1 and batch 32.
-- compression: documents/s of `compress_documents` against the limit, a plain no-grad forward of the base decoder
-  over the same batches, and what the LM head's logits or every layer's hidden states would cost instead.
+  decode tokens/s, total time per question, peak memory above the loaded model; batch 1 and batch 32. CLaRa runs
+  with its generator adapter unmerged and merged (`merge_adapter("generator")`, the merge's time apart).
+- compression: documents/s of `compress_documents` (its compressor adapter unmerged and merged) against the limit, a
+  plain no-grad forward of the base decoder over the same batches, and what the LM head's logits or every layer's
+  hidden states would cost instead.
 - training: one optimizer step of stage 1 (SCP) and stage 3 (joint, documents recomputed and precomputed) against
   a plain peft LoRA step of the base over the same tokens (the documents and the generator sequences).
 - retrieval: a memory bank of random vectors of the real shape, 10k / 100k / 1M documents: exact torch search and
@@ -175,15 +177,23 @@ def latency(model_name: str, config: PerformanceConfig, record) -> None:
             text_prompt = model.processor.tokenize_for_generation(questions[:1], documents=[documents])["input_ids"].shape[1]
             # The bare base over a text prompt as long as CLaRa's: the decode speed CLaRa should match.
             filler = cut_to_tokens(model, [" ".join(documents)], clara_prompt - (text_prompt - 5 * 256))[0]
-            runs = {"clara": [], "text_rag": [], "bare_base_same_length": []}
+            runs = {"clara": [], "clara_merged_generator": [], "text_rag": [], "bare_base_same_length": []}
             repeats = config.questions if batch == 1 else 1
             model.generate_from_compressed(questions[:1], memories[:1], max_new_tokens=2)  # warm-up
             for _ in range(repeats):
                 runs["clara"].append(_timed(model.generate_from_compressed, questions, memories, max_new_tokens=config.max_new_tokens))
+                started = time.perf_counter()
+                model.merge_adapter("generator")
+                merge_s = time.perf_counter() - started
+                runs["clara_merged_generator"].append(
+                    _timed(model.generate_from_compressed, questions, memories, max_new_tokens=config.max_new_tokens)
+                    | {"merge_s": merge_s}
+                )
+                model.unmerge_adapter()
                 runs["text_rag"].append(_timed(model.generate_from_text, questions, [documents] * batch, max_new_tokens=config.max_new_tokens))
                 runs["bare_base_same_length"].append(_timed(model.generate_from_text, questions, [[filler]] * batch, max_new_tokens=config.max_new_tokens))
             for system, measured in runs.items():
-                prompt = {"clara": clara_prompt, "text_rag": text_prompt, "bare_base_same_length": clara_prompt}[system]
+                prompt = text_prompt if system == "text_rag" else clara_prompt
                 mean = {key: sum(m[key] for m in measured) / len(measured) for key in measured[0]}
                 record("latency", {"model": model_name, "rate": rate, "batch": batch, "system": system,
                                    "prompt_tokens": prompt, **mean, "total_per_question_s": mean["total_s"] / batch})
@@ -225,8 +235,13 @@ def compression(model_name: str, config: PerformanceConfig, record) -> None:
                 else:
                     decoder(**inputs, output_hidden_states=True)
 
-    measured = {
-        "compress_documents": timed(lambda: model.compress_documents(documents, batch_size=batch_size)),
+    measured = {"compress_documents": timed(lambda: model.compress_documents(documents, batch_size=batch_size))}
+    started = time.perf_counter()
+    model.merge_adapter("compressor")  # once per corpus: its time is recorded apart
+    merge_s = time.perf_counter() - started
+    measured["compress_documents, compressor merged"] = timed(lambda: model.compress_documents(documents, batch_size=batch_size))
+    model.unmerge_adapter()
+    measured |= {
         "base decoder forward (the limit)": timed(lambda: plain("decoder")),
         "base forward with LM-head logits": timed(lambda: plain("lm_head")),
         "base forward with every layer's states": timed(lambda: plain("hidden_states")),
@@ -235,7 +250,8 @@ def compression(model_name: str, config: PerformanceConfig, record) -> None:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     for name, (seconds, megabytes) in measured.items():
         record("compression", {"model": model_name, "what": name, "documents": count, "tokens": tokens,
-                               "documents_per_s": count / seconds, "of_limit": limit / seconds, "peak_mb": megabytes})
+                               "documents_per_s": count / seconds, "of_limit": limit / seconds, "peak_mb": megabytes}
+               | ({"merge_s": merge_s} if "merged" in name else {}))
 
 
 def training(model_name: str, config: PerformanceConfig, record) -> None:

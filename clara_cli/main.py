@@ -148,6 +148,11 @@ class CompressArguments:
     shard_size: int = field(default=4096, metadata={"help": "Documents per shard file (the unit of memory use and resumption)."})
     dtype: str = field(default="bfloat16", metadata={"help": "Stored dtype of the memories: bfloat16 or float32."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU (under accelerate launch: one CPU process each)."})
+    merge_compressor: bool = field(
+        default=True,
+        metadata={"help": "Compress with the compressor adapter merged into a copy of the adapted base weights: "
+                  "faster, that copy's size again in memory (ClaraForRAG.merge_adapter)."},
+    )
 
 
 @dataclass
@@ -160,6 +165,11 @@ class AskArguments:
     k: int = field(default=5, metadata={"help": "Documents the generator reads (the top k of the bank)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated at most."})
     json: bool = field(default=False, metadata={"help": "Print one JSON object (answer, documents, scores)."})
+    merge_generator: bool = field(
+        default=True,
+        metadata={"help": "Generate with the generator adapter merged into a copy of the adapted base weights: faster "
+                  "decoding, that copy's size again in memory (ClaraForRAG.merge_adapter)."},
+    )
 
 
 def _compress(argv: list[str]) -> int:
@@ -175,6 +185,8 @@ def _compress(argv: list[str]) -> int:
     )
     state = PartialState(cpu=args.use_cpu)
     model = load_model(args.model).to(state.device)
+    if args.merge_compressor:
+        model.merge_adapter("compressor")
     counts = Counter()
     bank = model.compress_corpus(
         read_passages(args.corpus, args.text_field, counts=counts), args.out, args.batch_size, args.shard_size,
@@ -202,6 +214,8 @@ def _ask(argv: list[str]) -> int:
     )
     bank = MemoryBank.load(args.bank)
     model = load_model(args.model)
+    if args.merge_generator:
+        model.merge_adapter("generator")
     (answer,), scores, indices = model.answer_from_bank([args.question], bank, args.k, max_new_tokens=args.max_new_tokens)
     documents = [
         {"rank": rank + 1, "score": round(score, 4), "id": bank.ids[index], "text": bank.texts[index]}

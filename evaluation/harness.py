@@ -40,6 +40,13 @@ METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "clara_qa"
 Baseline = Literal["clara", "text", "closed-book", "bm25", "dense"]
 Setting = Literal["normal", "oracle"]
 RETRIEVAL_ONLY = ("bm25", "dense")
+# The trained default `clara demo` and `--model default` load when it is there (an adapter-only checkpoint on the
+# embedded base, written by `benchmarks/reproduce.py --export_dir`); without it, `default` is an untrained CLaRa.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+MERGE_GENERATOR_HELP = (
+    "Answer from memories with the generator adapter merged into a copy of the adapted base weights: faster "
+    "decoding, that copy's size again in memory (ClaraForRAG.merge_adapter)."
+)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class EvaluationConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per answer at most."})
     skip_malformed_rows: bool = field(default=False, metadata={"help": "Skip and count malformed rows."})
     seed: int = field(default=42, metadata={"help": "Seed (the untrained default's new adapters)."})
+    merge_generator: bool = field(default=True, metadata={"help": MERGE_GENERATOR_HELP})
 
     def __post_init__(self):
         if self.baseline not in get_args(Baseline):
@@ -103,9 +111,14 @@ class EvaluationConfig:
 
 
 def load_model(name: str, seed: int = 42) -> ClaraForRAG:
-    """A `ClaraForRAG` folder, or `"default"`: a new CLaRa on the embedded base (its adapters are untrained)."""
+    """A `ClaraForRAG` folder, or `"default"`: the trained default shipped in `evaluation/default_model` when there
+    is one, else a new CLaRa on the embedded base with untrained adapters (seeded by `seed`)."""
     if name != "default":
         return ClaraForRAG.from_pretrained(name)
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        return ClaraForRAG.from_pretrained(DEFAULT_MODEL_DIR)
+    logger.warning("No trained default is shipped: 'default' is a new CLaRa on %s, its adapters untrained.",
+                   EMBEDDED_BASE_MODEL)
     torch.manual_seed(seed)
     base, tokenizer = load_base_model(EMBEDDED_BASE_MODEL)
     return ClaraForRAG.from_base_model(base, tokenizer)
@@ -187,7 +200,6 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
     """Runs one evaluation and returns its report (`aggregate`, `predictions`, model, data, settings, machine,
     date); writes it (and a markdown table) when `config.output` is set."""
     import evaluate
-    from tqdm.auto import tqdm
 
     output = _writable_report_path(config.output) if config.output else None  # checked before hours of work
     rows = load_rows(config.data, "evaluate", config.skip_malformed_rows)
@@ -207,6 +219,45 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
     if too_few and bank is None:
         raise ValueError(f"k={k} but {len(too_few)} row(s) have fewer candidates (first: row {too_few[0]}).")
     dense = DenseRanker() if config.baseline == "dense" else None
+
+    merged_here = config.baseline == "clara" and config.merge_generator and "generator" not in model.merged_adapters
+    if merged_here:
+        model.merge_adapter("generator")
+    try:
+        predictions = _predictions(config, model, rows, k, bank, dense, show_progress)
+    finally:
+        if merged_here:  # the caller's model comes back as it came
+            model.unmerge_adapter("generator")
+
+    aggregate = {"examples": len(predictions)}
+    if generates:
+        metric = evaluate.load(str(METRIC_PATH))
+        aggregate.update(
+            metric.compute(
+                predictions=[p["prediction"] for p in predictions], references=[p["answers"] for p in predictions]
+            )
+        )
+    if config.baseline != "closed-book":
+        aggregate.update(retrieval_metrics([p["selected"] for p in predictions], [p["positives"] for p in predictions], k))
+    report = {
+        "aggregate": aggregate,
+        "model": config.model if generates else None,
+        "data": str(config.data),
+        "settings": {**asdict(config), "k": k},
+        "machine": machine_description(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "predictions": predictions,
+    }
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        output.with_suffix(".md").write_text(markdown_report([report]))
+        logger.info("Wrote %s and %s.", output, output.with_suffix(".md"))
+    return report
+
+
+def _predictions(config: EvaluationConfig, model, rows, k: int, bank, dense, show_progress: bool) -> list[dict]:
+    """Per row: the ranking's selection and the answer generated from it."""
+    from tqdm.auto import tqdm
 
     predictions = []
     starts = range(0, len(rows), config.batch_size)
@@ -250,31 +301,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
                     "positives": row["positives"],
                 }
             )
-
-    aggregate = {"examples": len(predictions)}
-    if generates:
-        metric = evaluate.load(str(METRIC_PATH))
-        aggregate.update(
-            metric.compute(
-                predictions=[p["prediction"] for p in predictions], references=[p["answers"] for p in predictions]
-            )
-        )
-    if config.baseline != "closed-book":
-        aggregate.update(retrieval_metrics([p["selected"] for p in predictions], [p["positives"] for p in predictions], k))
-    report = {
-        "aggregate": aggregate,
-        "model": config.model if generates else None,
-        "data": str(config.data),
-        "settings": {**asdict(config), "k": k},
-        "machine": machine_description(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "predictions": predictions,
-    }
-    if output is not None:
-        output.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        output.with_suffix(".md").write_text(markdown_report([report]))
-        logger.info("Wrote %s and %s.", output, output.with_suffix(".md"))
-    return report
+    return predictions
 
 
 def _writable_report_path(path: str) -> Path:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
@@ -51,6 +52,7 @@ COMPONENTS = (*ADAPTER_COMPONENTS, "added_token_embeddings")
 # ClaraProcessor settings that `from_base_model` accepts beside the ClaraConfig fields.
 PROCESSOR_SETTINGS = ("system_prompt", "user_prompt_template")
 ADAPTER_WEIGHTS_FILE = "clara_adapters.safetensors"  # an adapter-only checkpoint's weights
+ADAPTER_COPIES_METADATA = "clara_adapter_copies"  # its metadata: {adapter: adapter it equals and is stored as}
 # What `save_pretrained` writes and `from_pretrained` needs, by part: any one file of each group.
 CHECKPOINT_FILES = {
     "config": ("config.json",),
@@ -210,6 +212,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         # Found once: switching adapters touches only these layers.
         self._lora_layers = [m for m in self.language_model.modules() if isinstance(m, BaseTunerLayer)]
         self._processor = None
+        self._merged_signatures = {}  # component -> its weights' signature when merge_adapter() merged it
         self.generation_config = GenerationConfig(max_new_tokens=64, do_sample=False)
         self.trainable_components = COMPONENTS
         self._apply_trainable_components()
@@ -366,13 +369,35 @@ class ClaraForRAG(ClaraPreTrainedModel):
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(save_directory)
         tensors = {key: value.detach().cpu().contiguous() for key, value in self.own_state_dict(state_dict).items()}
-        save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        copies = _identical_adapters(tensors, list(self.adapter_names.values()))
+        if copies:  # e.g. the query reasoner a stage-2 model starts as, a copy of its compressor: stored once
+            tensors = {key: value for key, value in tensors.items() if _adapter_of(key) not in copies}
+            metadata[ADAPTER_COPIES_METADATA] = json.dumps(copies)
+        save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_FILE), metadata=metadata)
 
     def own_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The weights this model adds to its base (every adapter, the added-token embeddings), from `state_dict`
         (default: the model's own)."""
         state_dict = self.state_dict() if state_dict is None else state_dict
         return {key: value for key, value in state_dict.items() if _is_own_weight(key)}
+
+    def load_adapter_file(self, path: str | os.PathLike) -> None:
+        """Loads an adapter-only checkpoint's `clara_adapters.safetensors` (see `load_own_weights`), restoring the
+        adapters it stored once as copies of another."""
+        with safe_open(path, framework="pt") as handle:
+            copies = json.loads((handle.metadata() or {}).get(ADAPTER_COPIES_METADATA, "{}"))
+        tensors = load_file(path)
+        names = set(self.adapter_names.values())
+        if not isinstance(copies, dict) or not set(copies.items()) <= {(a, b) for a in names for b in names if a != b}:
+            raise ValueError(f"{path}: its adapter copies {copies} do not name this model's adapters {sorted(names)}.")
+        for copy_name, original in copies.items():
+            tensors |= {
+                key.replace(f".{original}.", f".{copy_name}."): value
+                for key, value in list(tensors.items())
+                if _adapter_of(key) == original
+            }
+        self.load_own_weights(tensors, str(path))
 
     def load_own_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Loads the adapters and added-token embeddings (e.g. of `clara_adapters.safetensors`); every one of them
@@ -451,7 +476,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         config.text_config._attn_implementation = base.config._attn_implementation
         model = cls(config, language_model=base)
         model.to(device=base.device, dtype=base.dtype)
-        model.load_own_weights(load_file(adapter_file), adapter_file)
+        model.load_adapter_file(adapter_file)
         model.processor = processor
         return model
 
@@ -567,6 +592,78 @@ class ClaraForRAG(ClaraPreTrainedModel):
         # peft's set_adapter / enable_adapters also flip requires_grad: restore the fixed set on the adapters.
         self._apply_adapter_trainability()
 
+    # ------------------------------------------------------------------ merged adapters (inference)
+
+    def merge_adapter(self, component: str = "generator") -> None:
+        """Inference mode for one adapter: passes without gradients that run it (generation for the generator,
+        `compress_documents` / `compress_corpus` for the compressor, `encode_queries` for the query reasoner) read
+        base weights with the adapter merged in, as fast as the bare base model.
+
+        peft's merge would change the base weights in place, and its unmerge does not restore them exactly, which
+        the other adapters and the text baseline need: so the merged weights are a copy of every adapted weight
+        (the size of the base's linear layers again in memory, per merged adapter), swapped in for those passes
+        only. They are not saved, follow `model.to(...)`, and are merged again when the adapter or the base changed
+        since (e.g. by training). Passes with gradients (training) always run the unmerged adapter.
+        `unmerge_adapter()` frees them.
+        """
+        if component not in ADAPTER_COMPONENTS:
+            raise ValueError(f"Unknown adapter component {component!r}; choose from {ADAPTER_COMPONENTS}.")
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("merge_adapter() needs whole weights: it cannot run under DeepSpeed ZeRO-3.")
+        adapter = self.adapter_names[component]
+        with torch.no_grad():
+            for layer in self._lora_layers:
+                if adapter not in layer.lora_A:
+                    raise ValueError(f"merge_adapter() cannot merge {type(layer).__name__}: it has no {adapter!r}.")
+                weight = layer.get_base_layer().weight
+                precision = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights merge in float32
+                merged = (weight.to(precision) + layer.get_delta_weight(adapter).to(precision)).to(weight.dtype)
+                layer.register_buffer(f"clara_merged_{component}", merged, persistent=False)
+        self._merged_signatures[component] = self._adapter_signature(component)
+
+    def unmerge_adapter(self, component: str | None = None) -> None:
+        """Leaves the inference mode of `merge_adapter()` for one adapter (None: all) and frees its merged weights."""
+        for name in list(self._merged_signatures) if component is None else [component]:
+            for layer in self._lora_layers:
+                if hasattr(layer, f"clara_merged_{name}"):
+                    delattr(layer, f"clara_merged_{name}")
+            self._merged_signatures.pop(name, None)
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        """The components whose adapter is merged for inference (see `merge_adapter`)."""
+        return tuple(self._merged_signatures)
+
+    def _adapter_signature(self, component: str) -> list[tuple]:
+        """Identifies an adapter's weights: in-place changes bump a tensor's version, moves change its storage."""
+        adapter = self.adapter_names[component]
+        tensors = []
+        for layer in self._lora_layers:
+            tensors += [layer.get_base_layer().weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+        return [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
+
+    @contextmanager
+    def _running(self, component: str):
+        """`component`'s adapter for a forward pass: while merged and without gradients, its merged weights with
+        the adapters off; otherwise the adapter itself (`self.adapter`)."""
+        if component not in self._merged_signatures or torch.is_grad_enabled():
+            with self.adapter(component):
+                yield
+            return
+        if self._adapter_signature(component) != self._merged_signatures[component]:
+            logger.info("The %s adapter or the base changed since merge_adapter(): merging again.", component)
+            self.merge_adapter(component)
+        weights = [layer.get_base_layer().weight for layer in self._lora_layers]
+        originals = [weight.data for weight in weights]
+        with self.adapter(None):
+            try:
+                for weight, layer in zip(weights, self._lora_layers):
+                    weight.data = getattr(layer, f"clara_merged_{component}")
+                yield
+            finally:
+                for weight, original in zip(weights, originals):
+                    weight.data = original
+
     # ------------------------------------------------------------------ core computations
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -597,7 +694,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError(
                 f"Gradient checkpointing cannot train the {component}: disable it, or compress without gradients."
             )
-        with self.adapter(component):
+        with self._running(component):
             hidden = self.language_model.get_decoder()(
                 inputs_embeds=self.embed_tokens(input_ids),
                 attention_mask=attention_mask,
@@ -813,7 +910,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         batch = {key: value.to(self.device) for key, value in batch.items()}
         flat_memories = torch.cat([m.reshape(-1, m.shape[-1]) for m in selected_memories]).to(self.device)
         inputs_embeds = self.generator_embeddings(batch["input_ids"], flat_memories)
-        with self.adapter("generator"):
+        with self._running("generator"):
             return self._generate(inputs_embeds, batch["attention_mask"], **generate_kwargs)
 
     def answer(
@@ -905,6 +1002,30 @@ class ClaraForRAG(ClaraPreTrainedModel):
 def _is_own_weight(key: str) -> bool:
     """A weight a CLaRa adds to its base: an adapter's LoRA matrix or the added-token embeddings."""
     return "lora_" in key or key.startswith("added_token_embeddings")
+
+
+def _adapter_of(key: str) -> str | None:
+    """The adapter a LoRA weight belongs to (`...q_proj.lora_A.<adapter>.weight`), None for other weights."""
+    parts = key.split(".")
+    return parts[-2] if len(parts) >= 3 and parts[-3] in ("lora_A", "lora_B") else None
+
+
+def _identical_adapters(tensors: dict[str, torch.Tensor], adapters: list[str]) -> dict[str, str]:
+    """`{adapter: earlier adapter}` for each adapter whose every weight equals an earlier one's."""
+    by_adapter = {name: {} for name in adapters}
+    for key, value in tensors.items():
+        if _adapter_of(key) in by_adapter:
+            by_adapter[_adapter_of(key)][key.replace(f".{_adapter_of(key)}.", ".")] = value
+    copies = {}
+    for index, name in enumerate(adapters):
+        for original in adapters[:index]:
+            weights, original_weights = by_adapter[name], by_adapter[original]
+            if original not in copies and weights and weights.keys() == original_weights.keys() and all(
+                torch.equal(value, original_weights[key]) for key, value in weights.items()
+            ):
+                copies[name] = original
+                break
+    return copies
 
 
 def _base_reference(name_or_path: str | None) -> str | None:

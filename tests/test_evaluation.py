@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from clara_cli.main import main
-from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
-from testing_utils import DOCUMENTS, write_jsonl
+from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, harness, load_model, retrieval_metrics
+from modeling_clara import ClaraForRAG
+from testing_utils import DOCUMENTS, randomize_adapters, write_jsonl
 from trainers import MalformedRowError
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?", "Which river is the largest?"]
@@ -74,9 +75,22 @@ def test_generating_baselines_report_answers_and_metrics(llama_clara, eval_file,
     assert f"| tiny | {baseline} | normal | 2 | 4 |" in output.with_suffix(".md").read_text()
 
 
-def test_clara_baseline_is_the_models_own_answer_pipeline(llama_clara, eval_file):
-    config = EvaluationConfig(model="tiny", data=eval_file, k=2, max_new_tokens=4, batch_size=3)
+@pytest.mark.parametrize("merge_generator", [True, False])
+def test_clara_baseline_is_the_models_own_answer_pipeline(llama_clara, eval_file, merge_generator, monkeypatch):
+    llama_clara.to(torch.float64)  # merged and unmerged generators then agree far below any logit gap
+    generate, merged_when_generating = llama_clara.generate_from_compressed, []
+
+    def recording_generate(*args, **kwargs):
+        merged_when_generating.append("generator" in llama_clara.merged_adapters)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(llama_clara, "generate_from_compressed", recording_generate)
+    config = EvaluationConfig(
+        model="tiny", data=eval_file, k=2, max_new_tokens=4, batch_size=3, merge_generator=merge_generator
+    )
     report = evaluate_model(config, model=llama_clara, show_progress=False)
+    assert merged_when_generating == [merge_generator] * 2 and llama_clara.merged_adapters == ()
+    monkeypatch.undo()
     rows = eval_rows()
     expected = llama_clara.answer([r["question"] for r in rows], [r["docs"] for r in rows], k=2, max_new_tokens=4)
     assert [p["prediction"] for p in report["predictions"]] == expected
@@ -169,3 +183,12 @@ def test_clara_evaluate_command_on_a_saved_model(llama_clara, eval_file, tmp_pat
     assert "| clara | normal | 1 | 4 |" in capsys.readouterr().out
     report = json.loads(output.read_text())
     assert torch.tensor([p["selected"][0] for p in report["predictions"]]).lt(3).all()
+
+
+def test_default_is_the_shipped_trained_model_when_there_is_one(tiny_base_dir, tmp_path, monkeypatch):
+    shipped = randomize_adapters(ClaraForRAG.from_base_model(tiny_base_dir, doc_max_length=16, compression_rate=4))
+    shipped.save_pretrained(tmp_path / "default_model")
+    monkeypatch.setattr(harness, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    loaded = load_model("default")
+    assert loaded.state_dict().keys() == shipped.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in shipped.state_dict().items())

@@ -415,6 +415,77 @@ def test_generate_from_text_uses_the_bare_base_model(clara):
     assert clara.generate_from_text(QUESTIONS, [DOCUMENTS[:1], DOCUMENTS[1:3]], max_new_tokens=4) == texts
 
 
+def _generator_logits(model, memories, bare_base=False):
+    batch = model.processor.tokenize_for_generation(QUESTIONS, [len(m) for m in memories])
+    inputs_embeds = model.generator_embeddings(batch["input_ids"], memories.flatten(0, 2))
+    with torch.no_grad(), model.adapter(None) if bare_base else model._running("generator"):
+        return model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"]).logits
+
+
+def test_merged_generator_gives_the_adapters_logits_and_answers_and_leaves_the_rest_exact(clara):
+    clara.to(torch.float64)  # float64: merged and unmerged sums round alike to far below the tolerance
+    memories = clara.compress_documents(DOCUMENTS[:2])
+    selected = torch.stack([memories, memories.flip(0)])
+    unmerged_logits = _generator_logits(clara, selected)
+    assert not torch.allclose(unmerged_logits, _generator_logits(clara, selected, bare_base=True))  # adapters matter
+    unmerged_answers = clara.generate_from_compressed(QUESTIONS, selected, max_new_tokens=6)
+    state = {name: tensor.clone() for name, tensor in clara.state_dict().items()}
+    with torch.no_grad(), clara.adapter(None):
+        base_logits = clara.language_model(torch.tensor([[5, 6, 7]])).logits
+
+    clara.merge_adapter("generator")
+    assert clara.merged_adapters == ("generator",)
+    merged_logits = _generator_logits(clara, selected)
+    torch.testing.assert_close(merged_logits, unmerged_logits, rtol=0, atol=1e-10)
+    assert clara.generate_from_compressed(QUESTIONS, selected, max_new_tokens=6) == unmerged_answers
+    assert clara._adapter_signature("generator") == clara._merged_signatures["generator"]  # no re-merge needed
+    # The merged weights are swapped in for generation only: every other path reads the untouched weights.
+    assert torch.equal(clara.compress_documents(DOCUMENTS[:2]), memories)
+    with torch.no_grad(), clara.adapter(None):
+        assert torch.equal(clara.language_model(torch.tensor([[5, 6, 7]])).logits, base_logits)
+    assert state.keys() == clara.state_dict().keys()  # the merged copies are never saved
+    assert all(torch.equal(state[name], tensor) for name, tensor in clara.state_dict().items())
+
+    clara.unmerge_adapter()
+    assert clara.merged_adapters == ()
+    assert not any(hasattr(layer, "clara_merged_generator") for layer in clara._lora_layers)
+    assert torch.equal(_generator_logits(clara, selected), unmerged_logits)
+
+
+def test_merged_generator_is_merged_again_after_the_adapter_or_the_dtype_changes(clara):
+    memories = clara.compress_documents(DOCUMENTS[:2])[:, None]
+    clara.merge_adapter("generator")
+    before = clara.generate_from_compressed(QUESTIONS, memories, max_new_tokens=6)
+    with torch.no_grad():
+        for name, parameter in clara.named_parameters():
+            if "lora_B.generator" in name:
+                parameter.mul_(40)  # what an optimizer step does: an in-place change
+    clara.to(torch.float64)
+    memories = memories.double()
+    merged = clara.generate_from_compressed(QUESTIONS, memories, max_new_tokens=6)
+    merged_logits = _generator_logits(clara, memories)
+    clara.unmerge_adapter("generator")
+    assert merged == clara.generate_from_compressed(QUESTIONS, memories, max_new_tokens=6) != before
+    torch.testing.assert_close(merged_logits, _generator_logits(clara, memories), rtol=0, atol=1e-10)
+
+
+def test_merged_compressor_and_query_reasoner_encode_alike_and_training_still_reaches_the_adapter(clara):
+    clara.to(torch.float64)
+    memories, queries = clara.compress_documents(DOCUMENTS), clara.encode_queries(QUESTIONS)
+    clara.merge_adapter("compressor")
+    clara.merge_adapter("query_reasoner")
+    assert set(clara.merged_adapters) == {"compressor", "query_reasoner"}
+    torch.testing.assert_close(clara.compress_documents(DOCUMENTS), memories, rtol=0, atol=1e-10)
+    torch.testing.assert_close(clara.encode_queries(QUESTIONS), queries, rtol=0, atol=1e-10)
+    # With gradients the adapter itself runs, so training a merged model still trains the adapter.
+    batch = clara.processor.tokenize_for_compression(DOCUMENTS[:2])
+    hidden, _ = clara.memory_states(batch["input_ids"], batch["attention_mask"])
+    hidden.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in clara.named_parameters() if "lora_B.compressor" in n)
+    with pytest.raises(ValueError, match="Unknown adapter component 'retriever'"):
+        clara.merge_adapter("retriever")
+
+
 @pytest.mark.parametrize(
     "questions, documents, k, message",
     [

