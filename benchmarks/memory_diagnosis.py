@@ -15,7 +15,9 @@ a model option):
 - `reference`: the model as it is, MSE weight 0.1;
 - `no-mse`: MSE weight 0;
 - `rescaled`: the memories times one fixed factor, the input embeddings' RMS over the untrained memories' RMS;
-- `centred`: the untrained memories' mean vector subtracted, then rescaled the same way.
+- `centred`: the untrained memories' mean vector subtracted, then rescaled the same way;
+- `frozen-generator`: only the compressor and the added-token embeddings train, so the loss can fall only through
+  what the memories carry (the generator cannot learn to write plausible text without them).
 
     python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores; --help lists every setting
 """
@@ -38,8 +40,14 @@ from modeling_clara import ClaraForRAG, load_base_model
 from trainers import SCPConfig, SCPTrainer
 from trainers.collators import SCPCollator
 
-VARIANTS = ("reference", "no-mse", "rescaled", "centred")
+VARIANTS = ("reference", "no-mse", "rescaled", "centred", "frozen-generator")
 logger = logging.getLogger("memory_diagnosis")
+
+
+class CompressorOnlySCPTrainer(SCPTrainer):
+    """Stage 1 with the generator adapter frozen (the `frozen-generator` variant)."""
+
+    trainable_components = ("compressor", "added_token_embeddings")
 
 
 @dataclass
@@ -149,7 +157,8 @@ def run(config: DiagnosisConfig) -> dict:
                           "untrained": memory_use(model, held_out, config)}
             settings = training_settings(config, output / f"{variant}_{count}", 1.0)
             started = time.perf_counter()
-            run_result["training"] = train_stage(SCPTrainer, SCPConfig, model, settings, str(train_file),
+            trainer_class = CompressorOnlySCPTrainer if variant == "frozen-generator" else SCPTrainer
+            run_result["training"] = train_stage(trainer_class, SCPConfig, model, settings, str(train_file),
                                                  max_steps=config.steps)
             run_result["train_s"] = round(time.perf_counter() - started, 1)
             run_result["held_out"] = memory_use(model, held_out, config)
