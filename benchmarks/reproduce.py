@@ -70,7 +70,7 @@ class StudyConfig:
     export_dir: str | None = field(
         default=None,
         metadata={"help": "Also save the first rate's stage-2 model here: an adapter-only checkpoint in bf16, with "
-                  "its held-out scores (evaluation/default_model is where the trained default goes)."},
+                  "the study's results (evaluation/default_model is where the trained default goes)."},
     )
     export_base: str | None = field(
         default=None,
