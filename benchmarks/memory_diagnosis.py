@@ -17,7 +17,9 @@ a model option):
 - `rescaled`: the memories times one fixed factor, the input embeddings' RMS over the untrained memories' RMS;
 - `centred`: the untrained memories' mean vector subtracted, then rescaled the same way;
 - `frozen-generator`: only the compressor and the added-token embeddings train, so the loss can fall only through
-  what the memories carry (the generator cannot learn to write plausible text without them).
+  what the memories carry (the generator cannot learn to write plausible text without them);
+- `contrastive`: the stage-1 loss plus a hinge, `max(0, 1 - (loss from the next row's memories - loss from the
+  row's own))`: the objective rewards what one chunk's memories say that another's do not, from the first step.
 
     python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores; --help lists every setting
 """
@@ -40,7 +42,8 @@ from modeling_clara import ClaraForRAG, load_base_model
 from trainers import SCPConfig, SCPTrainer
 from trainers.collators import SCPCollator
 
-VARIANTS = ("reference", "no-mse", "rescaled", "centred", "frozen-generator")
+VARIANTS = ("reference", "no-mse", "rescaled", "centred", "frozen-generator", "contrastive")
+CONTRASTIVE_MARGIN = 1.0  # nats per token the own memories must beat another chunk's by
 logger = logging.getLogger("memory_diagnosis")
 
 
@@ -48,6 +51,23 @@ class CompressorOnlySCPTrainer(SCPTrainer):
     """Stage 1 with the generator adapter frozen (the `frozen-generator` variant)."""
 
     trainable_components = ("compressor", "added_token_embeddings")
+
+
+class ContrastiveSCPTrainer(SCPTrainer):
+    """Stage 1 plus the `contrastive` variant's hinge on the generator's loss (one document per row, no gradient
+    accumulation: the losses are this batch's means)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {key: value for key, value in inputs.items() if not key.startswith("truncated_")}
+        memories, mse = model.memory_states(inputs["document_input_ids"][:, 0], inputs["document_attention_mask"][:, 0])
+        prompt = {key: inputs[key] for key in ("input_ids", "attention_mask", "labels")}
+        own = model(**prompt, document_memories=memories[:, None])
+        other = model(**prompt, document_memories=memories.roll(1, 0)[:, None]).lm_loss
+        hinge = torch.relu(CONTRASTIVE_MARGIN - (other - own.lm_loss))
+        self._metrics["train"]["lm_loss"].append(own.lm_loss.item())
+        self._metrics["train"]["memory_gap"].append((other - own.lm_loss).item())
+        loss = own.lm_loss + model.config.mse_weight * mse.mean() + hinge
+        return (loss, own) if return_outputs else loss
 
 
 @dataclass
@@ -157,7 +177,9 @@ def run(config: DiagnosisConfig) -> dict:
                           "untrained": memory_use(model, held_out, config)}
             settings = training_settings(config, output / f"{variant}_{count}", 1.0)
             started = time.perf_counter()
-            trainer_class = CompressorOnlySCPTrainer if variant == "frozen-generator" else SCPTrainer
+            trainer_class = {"frozen-generator": CompressorOnlySCPTrainer, "contrastive": ContrastiveSCPTrainer}.get(
+                variant, SCPTrainer
+            )
             run_result["training"] = train_stage(trainer_class, SCPConfig, model, settings, str(train_file),
                                                  max_steps=config.steps)
             run_result["train_s"] = round(time.perf_counter() - started, 1)
