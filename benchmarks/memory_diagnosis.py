@@ -19,7 +19,13 @@ a model option):
 - `frozen-generator`: only the compressor and the added-token embeddings train, so the loss can fall only through
   what the memories carry (the generator cannot learn to write plausible text without them);
 - `contrastive`: the stage-1 loss plus a hinge, `max(0, 1 - (loss from the next row's memories - loss from the
-  row's own))`: the objective rewards what one chunk's memories say that another's do not, from the first step.
+  row's own))`: the objective rewards what one chunk's memories say that another's do not, from the first step;
+- `batch-centred`: in training, each memory slot's mean over the batch's documents is subtracted (with its
+  gradient, so the compressor receives only the part of the gradient that differs between documents and cannot
+  learn one prompt for all), then rescaled like `centred`; outside training a running mean of those batch means
+  is subtracted instead (batch normalisation's scheme, without the variance).
+
+With `--gap_every N` the held-out gap is also measured every N training steps (the curve goes into results.json).
 
     python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores, 9-15 minutes per variant
     python benchmarks/memory_diagnosis.py --variants reference centred --train_chunks 256 2048   # --help: the rest
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import torch
 from reproduce import ROOT, memory_statistics, reconstruction, split_rows, train_stage, training_settings
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainerCallback
 
 from evaluation import METRIC_PATH
 from evaluation.harness import machine_description
@@ -43,8 +49,9 @@ from modeling_clara import ClaraForRAG, load_base_model
 from trainers import SCPConfig, SCPTrainer
 from trainers.collators import SCPCollator
 
-VARIANTS = ("reference", "no-mse", "rescaled", "centred", "frozen-generator", "contrastive")
+VARIANTS = ("reference", "no-mse", "rescaled", "centred", "frozen-generator", "contrastive", "batch-centred")
 CONTRASTIVE_MARGIN = 1.0  # nats per token the own memories must beat another chunk's by
+RUNNING_MEAN_MOMENTUM = 0.1
 logger = logging.getLogger("memory_diagnosis")
 
 
@@ -87,6 +94,7 @@ class DiagnosisConfig:
     batch_size: int = field(default=4, metadata={"help": "Rows per step."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate."})
     max_length: int = field(default=128, metadata={"help": "Generator tokens per row."})
+    gap_every: int = field(default=0, metadata={"help": "Measure the held-out gap every N steps (0: only at the end)."})
     reconstruction_tokens: int = field(default=40, metadata={"help": "Tokens generated per reconstruction."})
     eval_batch_size: int = field(default=16, metadata={"help": "Chunks per evaluation batch."})
     seed: int = field(default=0, metadata={"help": "Split seed."})
@@ -109,16 +117,25 @@ def chunks(passages: list[str], tokenizer, tokens: int) -> list[str]:
 def apply_variant(model: ClaraForRAG, variant: str, sample: list[str], batch_size: int) -> dict:
     """Wraps `generator_embeddings` with the variant's fixed transform of the memories, measured on `sample` with
     the untrained compressor; returns the transform's constants."""
-    if variant not in ("rescaled", "centred"):
+    if variant not in ("rescaled", "centred", "batch-centred"):
         return {}
     memories = model.compress_documents(sample, batch_size=batch_size).float()
-    shift = memories.mean((0, 1)) if variant == "centred" else torch.zeros(memories.shape[-1])
+    shift = {"rescaled": torch.zeros(memories.shape[-1]), "centred": memories.mean((0, 1)),
+             "batch-centred": memories.mean(0)}[variant]  # batch-centred: one mean per memory slot
     embedding_rms = model.language_model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
     scale = (embedding_rms / (memories - shift).pow(2).mean().sqrt()).item()
     original = model.generator_embeddings
 
     def transformed(input_ids, memories):
-        return original(input_ids, (memories - shift.to(memories)) * scale)
+        if variant != "batch-centred":
+            return original(input_ids, (memories - shift.to(memories)) * scale)
+        slots = memories.reshape(-1, *shift.shape)  # [documents, n_mem, hidden]
+        if model.training:
+            mean = slots.mean(0)
+            shift.lerp_(mean.detach().float().cpu(), RUNNING_MEAN_MOMENTUM)
+        else:
+            mean = shift.to(slots)
+        return original(input_ids, ((slots - mean) * scale).reshape(memories.shape))
 
     model.generator_embeddings = transformed
     return {"scale": round(scale, 5), "shift_rms": round(shift.pow(2).mean().sqrt().item(), 4)}
@@ -143,6 +160,20 @@ def memory_use(model: ClaraForRAG, texts: list[str], config: DiagnosisConfig) ->
     count = len(batches)
     return {"own_loss": round(own / count, 4), "other_loss": round(other / count, 4),
             "gap": round((other - own) / count, 4)}
+
+
+class GapCurve(TrainerCallback):
+    """Measures the held-out gap every `config.gap_every` steps, in evaluation mode."""
+
+    def __init__(self, model: ClaraForRAG, held_out: list[str], config: DiagnosisConfig):
+        self.model, self.held_out, self.config, self.points = model, held_out, config, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.config.gap_every and state.global_step % self.config.gap_every == 0:
+            self.model.eval()
+            self.points.append({"step": state.global_step, **memory_use(self.model, self.held_out, self.config)})
+            self.model.train()
+            logger.info("step %d: held-out %s", state.global_step, self.points[-1])
 
 
 def run(config: DiagnosisConfig) -> dict:
@@ -181,8 +212,10 @@ def run(config: DiagnosisConfig) -> dict:
             trainer_class = {"frozen-generator": CompressorOnlySCPTrainer, "contrastive": ContrastiveSCPTrainer}.get(
                 variant, SCPTrainer
             )
+            curve = GapCurve(model, held_out, config)
             run_result["training"] = train_stage(trainer_class, SCPConfig, model, settings, str(train_file),
-                                                 max_steps=config.steps)
+                                                 callbacks=[curve], max_steps=config.steps)
+            run_result["gap_curve"] = curve.points
             run_result["train_s"] = round(time.perf_counter() - started, 1)
             run_result["held_out"] = memory_use(model, held_out, config)
             run_result["train_sample"] = memory_use(model, train[: config.eval_chunks], config)

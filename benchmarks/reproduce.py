@@ -236,9 +236,9 @@ def training_settings(config: StudyConfig, directory: Path, epochs: float) -> di
     )
 
 
-def train_stage(trainer_class, config_class, model, settings: dict, train_file: str, **stage_options):
+def train_stage(trainer_class, config_class, model, settings: dict, train_file: str, callbacks=None, **stage_options):
     args = config_class(train_file=train_file, **settings, **stage_options)
-    trainer = trainer_class(model, args)
+    trainer = trainer_class(model, args, callbacks=callbacks)
     started = time.perf_counter()
     trainer.train()
     losses = [entry["lm_loss"] for entry in trainer.state.log_history if "lm_loss" in entry]

@@ -102,7 +102,7 @@ def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_di
     arguments = [f"--data={scp_file(tmp_path / 'scp.jsonl')}", f"--base={tiny_base_dir}",
                  f"--output_dir={tmp_path / 'run'}", "--doc_tokens=8", "--rate=4", "--held_out=4", "--steps=2",
                  "--batch_size=2", "--eval_batch_size=2", "--max_length=512", "--reconstruction_tokens=4",
-                 "--train_chunks", "2", "4"]
+                 "--gap_every=1", "--train_chunks", "2", "4"]
     assert diagnosis.main(arguments) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [(r["variant"], r["train_chunks"]) for r in results["runs"]] == [
@@ -110,6 +110,7 @@ def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_di
     ]
     for run in results["runs"]:
         assert run["training"]["steps"] == 2 and run["held_out"]["own_loss"] > 0
+        assert [point["step"] for point in run["gap_curve"]] == [1, 2]
         assert run["held_out"]["gap"] == pytest.approx(run["held_out"]["other_loss"] - run["held_out"]["own_loss"], abs=2e-4)
     with pytest.raises(ValueError, match="Unknown variants"):
         diagnosis.DiagnosisConfig(variants=["sharpened"])
@@ -124,3 +125,30 @@ def test_the_centred_variant_gives_the_generator_centred_memories_at_the_embeddi
     embedding_rms = llama_clara.language_model.get_input_embeddings().weight.pow(2).mean().sqrt()
     torch.testing.assert_close(placed.pow(2).mean().sqrt(), embedding_rms, rtol=1e-4, atol=0)
     assert placed.mean(0).abs().max() < 1e-3 * embedding_rms
+
+
+def test_the_batch_centred_variant_passes_only_what_differs_between_documents(diagnosis, llama_clara):
+    memories = llama_clara.compress_documents(DOCUMENTS)
+    transform = diagnosis.apply_variant(llama_clara, "batch-centred", DOCUMENTS, batch_size=4)
+
+    def placed(memories):
+        input_ids = llama_clara.processor.tokenize_for_generation(["Restate."] * len(memories), 1)["input_ids"]
+        placeholders = torch.isin(input_ids, torch.tensor(llama_clara.config.memory_token_ids))
+        return llama_clara.generator_embeddings(input_ids, memories[:, None])[placeholders].reshape(memories.shape)
+
+    # Outside training the running mean starts at these documents' own mean: centred, at the embeddings' scale.
+    llama_clara.eval()
+    evaluated = placed(memories)
+    torch.testing.assert_close(evaluated, (memories - memories.mean(0)) * transform["scale"], rtol=1e-4, atol=1e-5)
+    # In training, each slot's batch mean is removed, and so is the common part of the gradient.
+    llama_clara.train()
+    trained_on = memories[:2].clone().requires_grad_()
+    centred = placed(trained_on)
+    torch.testing.assert_close(centred, (trained_on - trained_on.mean(0)) * transform["scale"], rtol=1e-4, atol=1e-5)
+    centred.mul(torch.randn_like(centred)).sum().backward()
+    assert trained_on.grad.abs().sum() > 0
+    torch.testing.assert_close(trained_on.grad.sum(0), torch.zeros_like(trained_on.grad[0]), rtol=0, atol=1e-6)
+    # ... and that batch moves the running mean by the momentum, which evaluation then uses.
+    llama_clara.eval()
+    expected_mean = memories.mean(0).lerp(memories[:2].mean(0), diagnosis.RUNNING_MEAN_MOMENTUM)
+    torch.testing.assert_close(placed(memories), (memories - expected_mean) * transform["scale"], rtol=1e-4, atol=1e-5)
