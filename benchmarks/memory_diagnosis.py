@@ -20,10 +20,10 @@ a model option):
   what the memories carry (the generator cannot learn to write plausible text without them);
 - `contrastive`: the stage-1 loss plus a hinge, `max(0, 1 - (loss from the next row's memories - loss from the
   row's own))`: the objective rewards what one chunk's memories say that another's do not, from the first step;
-- `batch-centred`: in training, each memory slot's mean over the batch's documents is subtracted (with its
-  gradient, so the compressor receives only the part of the gradient that differs between documents and cannot
-  learn one prompt for all), then rescaled like `centred`; outside training a running mean of those batch means
-  is subtracted instead (batch normalisation's scheme, without the variance).
+- `batch-centred`: the model option `center_memories=True`: in training, each memory slot's mean over the batch's
+  documents is subtracted (with its gradient, so the compressor receives only the part of the gradient that differs
+  between documents and cannot learn one prompt for all), then rescaled to the embeddings' RMS; outside training a
+  running mean of those batch means is subtracted instead (batch normalisation's scheme, without the variance).
 
 With `--gap_every N` the held-out gap is also measured every N training steps (the curve goes into results.json).
 
@@ -51,7 +51,6 @@ from trainers.collators import SCPCollator
 
 VARIANTS = ("reference", "no-mse", "rescaled", "centred", "frozen-generator", "contrastive", "batch-centred")
 CONTRASTIVE_MARGIN = 1.0  # nats per token the own memories must beat another chunk's by
-RUNNING_MEAN_MOMENTUM = 0.1
 logger = logging.getLogger("memory_diagnosis")
 
 
@@ -117,25 +116,16 @@ def chunks(passages: list[str], tokenizer, tokens: int) -> list[str]:
 def apply_variant(model: ClaraForRAG, variant: str, sample: list[str], batch_size: int) -> dict:
     """Wraps `generator_embeddings` with the variant's fixed transform of the memories, measured on `sample` with
     the untrained compressor; returns the transform's constants."""
-    if variant not in ("rescaled", "centred", "batch-centred"):
+    if variant not in ("rescaled", "centred"):
         return {}
     memories = model.compress_documents(sample, batch_size=batch_size).float()
-    shift = {"rescaled": torch.zeros(memories.shape[-1]), "centred": memories.mean((0, 1)),
-             "batch-centred": memories.mean(0)}[variant]  # batch-centred: one mean per memory slot
+    shift = memories.mean((0, 1)) if variant == "centred" else torch.zeros(memories.shape[-1])
     embedding_rms = model.language_model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
     scale = (embedding_rms / (memories - shift).pow(2).mean().sqrt()).item()
     original = model.generator_embeddings
 
     def transformed(input_ids, memories):
-        if variant != "batch-centred":
-            return original(input_ids, (memories - shift.to(memories)) * scale)
-        slots = memories.reshape(-1, *shift.shape)  # [documents, n_mem, hidden]
-        if model.training:
-            mean = slots.mean(0)
-            shift.lerp_(mean.detach().float().cpu(), RUNNING_MEAN_MOMENTUM)
-        else:
-            mean = shift.to(slots)
-        return original(input_ids, ((slots - mean) * scale).reshape(memories.shape))
+        return original(input_ids, (memories - shift.to(memories)) * scale)
 
     model.generator_embeddings = transformed
     return {"scale": round(scale, 5), "shift_rms": round(shift.pow(2).mean().sqrt().item(), 4)}
@@ -203,6 +193,7 @@ def run(config: DiagnosisConfig) -> dict:
             model = ClaraForRAG.from_base_model(
                 copy.deepcopy(base).to(device), tokenizer, compression_rate=config.rate,
                 doc_max_length=config.doc_tokens, mse_weight=0.0 if variant == "no-mse" else 0.1,
+                center_memories=variant == "batch-centred",
             ).eval()
             transform = apply_variant(model, variant, train[:64], config.eval_batch_size)
             run_result = {"variant": variant, "train_chunks": count, "transform": transform,

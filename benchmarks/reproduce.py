@@ -60,6 +60,11 @@ class StudyConfig:
     batch_size: int = field(default=16, metadata={"help": "Training rows per step (32 ran out of H200 memory)."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of both stages."})
     mse_weight: float = field(default=0.1, metadata={"help": "Weight of the memory/document MSE (ClaraConfig)."})
+    center_memories: bool = field(
+        default=True,
+        metadata={"help": "The generator reads memories centred over documents (ClaraConfig.center_memories; "
+                  "docs/diagnosis.md, Finding 5); false: the reference's memories as they are."},
+    )
     max_length: int = field(default=768, metadata={"help": "Generator tokens per training row (longer targets are cut)."})
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
@@ -279,7 +284,7 @@ class Study:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = ClaraForRAG.from_base_model(
             base.to(device), tokenizer, compression_rate=rate, doc_max_length=self.config.doc_max_length,
-            mse_weight=self.config.mse_weight,
+            mse_weight=self.config.mse_weight, center_memories=self.config.center_memories,
         )
         return model.eval()
 
@@ -357,7 +362,8 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         f"Stage 1: {counts.get('scp_rows')} rows (each train passage's QA pairs"
         f"{' and its reconstruction' if settings['reconstruction'] else ''}), {settings['scp_epochs']} epochs; stage 2: "
         f"{counts.get('instruct_rows')} question/passage/answer rows, {settings['instruct_epochs']} epochs (generator "
-        f"kept); batch {settings['batch_size']}, lr {settings['learning_rate']}.",
+        f"kept); batch {settings['batch_size']}, lr {settings['learning_rate']}; memories "
+        f"{'centred over documents' if settings.get('center_memories') else 'as they are (not centred)'}.",
         "",
         "## Answers on held-out questions, the generator reading only the question's own passage (k=1)",
         "",

