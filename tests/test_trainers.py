@@ -238,6 +238,8 @@ def test_recipes_parse_with_overrides(tmp_path):
     assert model_args.generation_top_k == 3 and config.learning_rate == 5e-6 and config.bf16
     model_args, config = parse_train_args("scp", ["--config", str(RECIPES / "mistral-7b-cr16" / "scp.yaml"), "--use_cpu", "true"])
     assert model_args.compression_rate == 16 and model_args.config_overrides()["mse_weight"] == 0.1
+    model_args, _ = parse_train_args("scp", ["--config", str(RECIPES / "smollm2-135m-cpu" / "scp.yaml")])
+    assert model_args.config_overrides()["center_memories"] is True
     for stage in ("scp", "instruct", "joint"):
         for recipe in ("mistral-7b-cr16", "mistral-7b-cr32", "smollm2-135m-cpu"):
             parse_train_args(stage, ["--config", str(RECIPES / recipe / f"{stage}.yaml"), "--use_cpu", "true"])
