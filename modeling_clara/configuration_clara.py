@@ -59,11 +59,11 @@ class ClaraConfig(PreTrainedConfig):
             Weight of the MSE between mean memory states and mean document states in the loss (stages 1 and 2).
         center_memories (`bool`, *optional*, defaults to `False`):
             The generator reads each memory vector minus its slot's mean over documents, at the input embeddings'
-            scale, instead of the vector itself. In training the mean is the batch's (with its gradient, so the
-            compressor learns only what tells documents apart: without it, every passage's memories collapse onto
-            one passage-independent prompt, see docs/diagnosis.md); elsewhere it is a running mean of those batch
-            means, saved with the model. Training then needs at least 2 documents per batch. The reference CLaRa
-            (and converted official checkpoints) does not centre.
+            scale, instead of the vector itself. In training the mean is the batch's (over all processes of a
+            distributed run), with its gradient, so the compressor learns only what tells documents apart: without
+            it, every passage's memories collapse onto one passage-independent prompt (docs/diagnosis.md).
+            Elsewhere it is a running mean of those batch means, saved with the model. Training needs at least 2
+            rows per batch. The reference CLaRa (and a converted official checkpoint) does not centre.
         memory_mean_momentum (`float`, *optional*, defaults to 0.1):
             Weight of each training batch's mean in the running mean (`center_memories`).
         base_model_name_or_path (`str`, *optional*), base_model_revision (`str`, *optional*):

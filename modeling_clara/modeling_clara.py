@@ -741,23 +741,34 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
         Without `config.center_memories`: the vectors themselves. With it: each vector minus its memory slot's mean
         over documents, times `memory_scale` (the input embeddings' RMS over the centred memories' RMS of the first
-        training batch). In training the mean is the batch's, with its gradient, so the part of the compressor's
-        gradient shared by every document cancels; the batch means also update the running mean used elsewhere
-        (and by a training batch of a single document, e.g. an epoch's last). Before the first training batch the
-        vectors are read as they are.
+        training batch). In training the mean is the batch's (over every process of a distributed run), with its
+        gradient, so the part of the compressor's gradient shared by every document cancels; the batch means also
+        update the running mean used elsewhere (and by a training batch of a single document, e.g. an epoch's last).
+        Before the first training batch the vectors are read as they are.
         """
         if not self.config.center_memories:
             return vectors
         documents = vectors.reshape(-1, self.config.num_memory_tokens, vectors.shape[-1])
-        if self.training and len(documents) == 1 and self.memory_scale == 0:
-            raise ValueError(
-                "center_memories trains on the mean over a batch's documents, but the first training batch holds only "
-                "1 document: use at least 2 per batch (per_device_train_batch_size x documents per row)."
+        if not self.training:
+            if self.memory_scale == 0:
+                return vectors
+            return ((documents - self.memory_mean.to(documents.dtype)) * self.memory_scale.to(documents.dtype)).reshape(
+                vectors.shape
             )
-        if self.training and len(documents) > 1:
-            mean = documents.mean(0)
+        # Training: sums over every process's batch (SyncBatchNorm's scheme), so N processes train as one would.
+        count = _sum_over_processes(documents.new_tensor(float(len(documents))))
+        if count < 2:
+            if self.memory_scale == 0:
+                raise ValueError(
+                    "center_memories trains on the mean over a batch's documents, but the first training batch holds "
+                    "only 1 document: use at least 2 per batch (per_device_train_batch_size x documents per row)."
+                )
+            mean = self.memory_mean.to(documents.dtype)  # e.g. an epoch's last batch of one row
+        else:
+            mean = _sum_over_processes(documents.sum(0), differentiable=True) / count
             with torch.no_grad():
-                centered_rms = (documents - mean).float().pow(2).mean().sqrt()
+                squares = _sum_over_processes((documents - mean).float().pow(2).sum())
+                centered_rms = (squares / (count * mean.numel())).sqrt()
                 if self.memory_scale == 0 and centered_rms > 0:  # documents with equal memories carry nothing to scale
                     self.memory_mean.copy_(mean)
                     with _gathered([self.language_model.get_input_embeddings().weight]):
@@ -765,11 +776,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
                     self.memory_scale.copy_(embedding_rms / centered_rms)
                 elif self.memory_scale != 0:
                     self.memory_mean.lerp_(mean.to(self.memory_mean.dtype), self.config.memory_mean_momentum)
-        elif self.memory_scale == 0:
-            return vectors
-        else:
-            mean = self.memory_mean
-        return ((documents - mean.to(documents.dtype)) * self.memory_scale.to(documents.dtype)).reshape(vectors.shape)
+        return ((documents - mean) * self.memory_scale.to(documents.dtype)).reshape(vectors.shape)
 
     def forward(
         self,
@@ -1135,6 +1142,22 @@ def _gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):
         deepspeed = importlib.import_module("deepspeed")
         return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
     return nullcontext()
+
+
+def _sum_over_processes(tensor: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """`tensor` summed over the processes of a distributed run (itself otherwise); `differentiable`: the gradient
+    flows back to every process's part."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    if torch.distributed.get_world_size() == 1:
+        return tensor
+    if differentiable:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(tensor)
+    tensor = tensor.clone()
+    torch.distributed.all_reduce(tensor)
+    return tensor
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -35,26 +35,43 @@ def run(command, timeout=600):
     return result
 
 
-@pytest.fixture(scope="module")
-def single_process_run(tiny_base_dir, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("distributed")
-    data = write_jsonl(directory / "scp.jsonl", scp_rows()[:4])  # one global batch: every step sees every row
+def single_run(base_dir, directory, *options):
+    """Stage 1 on 4 rows in one process, batch 4: one global batch, so every step sees every row."""
+    data = write_jsonl(directory / "scp.jsonl", scp_rows()[:4])
     output = directory / "single"
-    arguments = common_arguments(tiny_base_dir, data, output) + ["--per_device_train_batch_size", "4"]
+    arguments = common_arguments(base_dir, data, output) + ["--per_device_train_batch_size", "4", *options]
     run([sys.executable, "-m", "clara_cli.main", "train", "scp", *arguments])
     return directory, data, output
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "zero2", "zero3"])
-def test_two_processes_match_one(launcher, single_process_run, tiny_base_dir):
-    directory, data, single_output = single_process_run
+@pytest.fixture(scope="module")
+def single_process_run(tiny_base_dir, tmp_path_factory):
+    return single_run(tiny_base_dir, tmp_path_factory.mktemp("distributed"))
+
+
+@pytest.fixture(scope="module")
+def centered_single_process_run(tiny_base_dir, tmp_path_factory):
+    return single_run(tiny_base_dir, tmp_path_factory.mktemp("distributed_centered"), "--center_memories", "true")
+
+
+@pytest.mark.parametrize(
+    "launcher, centered", [("ddp", False), ("zero2", False), ("zero3", False), ("ddp", True), ("zero3", True)]
+)
+def test_two_processes_match_one(launcher, centered, request, tiny_base_dir):
+    # Centred memories take the batch mean over both processes, as one process takes it over its batch.
+    directory, data, single_output = request.getfixturevalue(
+        "centered_single_process_run" if centered else "single_process_run"
+    )
     output = directory / launcher
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     arguments = common_arguments(tiny_base_dir, data, output) + ["--per_device_train_batch_size", "2"]
+    arguments += ["--center_memories", "true"] if centered else []
     config_file = ROOT / "hub_configs" / "accelerate" / f"{launcher}.yaml"
     run([*accelerate, "--config_file", str(config_file), "-m", "clara_cli.main", "train", "scp", *arguments])
 
     expected = load_file(single_output / "clara_adapters.safetensors")
+    if centered:
+        assert expected["memory_scale"] > 0 and expected["memory_mean"].abs().sum() > 0
     # The checkpoint loads through from_pretrained, and every adapter holds its own trained weights.
     loaded = ClaraForRAG.from_pretrained(output).state_dict()
     assert loaded.keys() == ClaraForRAG.from_pretrained(single_output).state_dict().keys()
