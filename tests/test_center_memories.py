@@ -10,13 +10,23 @@ from testing_utils import (
     changed_parameters,
     component_parameters,
     dataset,
+    instruct_rows,
+    joint_rows,
     new_model,
     randomize_adapters,
     scp_rows,
     snapshot,
     stage_config,
 )
-from trainers import ClaraModelConfig, SCPConfig, SCPTrainer
+from trainers import (
+    ClaraModelConfig,
+    InstructConfig,
+    InstructTrainer,
+    JointConfig,
+    JointTrainer,
+    SCPConfig,
+    SCPTrainer,
+)
 
 
 @pytest.fixture
@@ -111,6 +121,22 @@ def test_stage_1_trains_the_same_parameters_and_sets_the_statistics(tokenizer, t
         model, "compressor", "generator", "added_token_embeddings"
     )
     assert model.memory_scale > 0 and model.memory_mean.abs().sum() > 0
+
+
+def test_stages_2_and_3_train_the_same_parameters_and_update_the_running_mean(tokenizer, tmp_path):
+    model = randomize_adapters(new_model(tokenizer, center_memories=True, generation_top_k=1))
+    model.train()
+    read_by_generator(model, model.compress_documents(DOCUMENTS))  # the statistics a stage-1 run leaves
+    model.config.training_stage = "scp"
+    for trainer_class, config_class, stage in ((InstructTrainer, InstructConfig, "instruct"), (JointTrainer, JointConfig, "joint")):
+        rows = joint_rows() if stage == "joint" else instruct_rows()
+        options = {"generator_init": "keep"} if stage == "instruct" else {}
+        config = stage_config(config_class, tmp_path / stage, **options)
+        trainer = trainer_class(model, config, train_dataset=dataset(rows, stage))
+        before, mean = snapshot(model), model.memory_mean.clone()
+        trainer.train()
+        assert changed_parameters(model, before) == component_parameters(model, *trainer_class.trainable_components)
+        assert not torch.equal(model.memory_mean, mean)
 
 
 def test_the_settings_are_checked_and_fixed_by_stage_1(centered):
