@@ -741,15 +741,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
         Without `config.center_memories`: the vectors themselves. With it: each vector minus its memory slot's mean
         over documents, times `memory_scale` (the input embeddings' RMS over the centred memories' RMS of the first
-        training batch). In training the mean is the batch's (over every process of a distributed run), with its
-        gradient, so the part of the compressor's gradient shared by every document cancels; the batch means also
-        update the running mean used elsewhere (and by a training batch of a single document, e.g. an epoch's last).
-        Before the first training batch the vectors are read as they are.
+        training batch). In training (train mode with gradients) the mean is the batch's (over every process of a
+        distributed run), with its gradient, so the part of the compressor's gradient shared by every document
+        cancels; the batch means also update the running mean used elsewhere (and by a training batch of a single
+        document, e.g. an epoch's last). Without gradients, as in every inference method, the running mean is used
+        even in train mode. Before the first training batch the vectors are read as they are.
         """
         if not self.config.center_memories:
             return vectors
         documents = vectors.reshape(-1, self.config.num_memory_tokens, vectors.shape[-1])
-        if not self.training:
+        if not (self.training and torch.is_grad_enabled()):
             if self.memory_scale == 0:
                 return vectors
             return ((documents - self.memory_mean.to(documents.dtype)) * self.memory_scale.to(documents.dtype)).reshape(

@@ -74,6 +74,10 @@ def test_later_batches_move_the_running_mean_that_inference_reads(centered):
     expected = (memories - expected_mean) * scale
     torch.testing.assert_close(read_by_generator(centered, memories), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(read_by_generator(centered, memories[:1]), expected[:1], rtol=1e-4, atol=1e-5)
+    centered.train()  # e.g. right after trainer.train(): inference runs without gradients and reads the running mean
+    with torch.no_grad():
+        torch.testing.assert_close(read_by_generator(centered, memories), expected, rtol=1e-4, atol=1e-5)
+    centered.answer(["Where is the Eiffel Tower?"], [DOCUMENTS[:2]], max_new_tokens=2)
     assert torch.equal(centered.memory_mean, expected_mean)  # inference does not update it
 
 
