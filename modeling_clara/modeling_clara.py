@@ -750,21 +750,18 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if not self.config.center_memories:
             return vectors
         documents = vectors.reshape(-1, self.config.num_memory_tokens, vectors.shape[-1])
-        if not (self.training and torch.is_grad_enabled()):
-            if self.memory_scale == 0:
-                return vectors
-            return ((documents - self.memory_mean.to(documents.dtype)) * self.memory_scale.to(documents.dtype)).reshape(
-                vectors.shape
-            )
+        training = self.training and torch.is_grad_enabled()
         # Training: sums over every process's batch (SyncBatchNorm's scheme), so N processes train as one would.
-        count = _sum_over_processes(documents.new_tensor(float(len(documents))))
-        if count < 2:
+        count = _sum_over_processes(documents.new_tensor(float(len(documents)))) if training else 0
+        if count < 2:  # not training, or a training batch of one document (e.g. an epoch's last)
             if self.memory_scale == 0:
+                if not training:
+                    return vectors
                 raise ValueError(
                     "center_memories trains on the mean over a batch's documents, but the first training batch holds "
                     "only 1 document: use at least 2 per batch (per_device_train_batch_size x documents per row)."
                 )
-            mean = self.memory_mean.to(documents.dtype)  # e.g. an epoch's last batch of one row
+            mean = self.memory_mean.to(documents.dtype)
         else:
             mean = _sum_over_processes(documents.sum(0), differentiable=True) / count
             with torch.no_grad():
@@ -1148,9 +1145,8 @@ def _gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):
 def _sum_over_processes(tensor: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
     """`tensor` summed over the processes of a distributed run (itself otherwise); `differentiable`: the gradient
     flows back to every process's part."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensor
-    if torch.distributed.get_world_size() == 1:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() == 1:
         return tensor
     if differentiable:
         from torch.distributed.nn.functional import all_reduce
