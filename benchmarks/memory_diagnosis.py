@@ -40,7 +40,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from reproduce import ROOT, memory_statistics, reconstruction, split_rows, train_stage, training_settings
+from reproduce import (
+    ROOT,
+    memory_statistics,
+    memory_use,
+    reconstruction,
+    reconstruction_rows,
+    split_rows,
+    train_stage,
+    training_settings,
+)
 from transformers import HfArgumentParser, TrainerCallback
 
 from evaluation import METRIC_PATH
@@ -131,25 +140,10 @@ def apply_variant(model: ClaraForRAG, variant: str, sample: list[str], batch_siz
     return {"scale": round(scale, 5), "shift_rms": round(shift.pow(2).mean().sqrt().item(), 4)}
 
 
-@torch.no_grad()
-def memory_use(model: ClaraForRAG, texts: list[str], config: DiagnosisConfig) -> dict:
-    """Mean teacher-forced reconstruction loss of each chunk from its own memories and from the next chunk's (in
-    its batch; full batches only)."""
+def chunk_memory_use(model: ClaraForRAG, texts: list[str], config: DiagnosisConfig) -> dict:
+    """`memory_use` of the chunks' reconstruction: each from its own memories and from the next chunk's."""
     collator = SCPCollator(model.processor, config.max_length)
-    own = other = 0.0
-    size = min(config.eval_batch_size, len(texts))
-    batches = range(0, len(texts) - size + 1, size)
-    for start in batches:
-        rows = [{"data_type": "paraphrase", "questions": [], "answers": [t], "document": t}
-                for t in texts[start : start + size]]
-        batch = {key: value.to(model.device) for key, value in collator(rows).items()}
-        memories, _ = model.memory_states(batch["document_input_ids"][:, 0], batch["document_attention_mask"][:, 0])
-        prompt = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
-        own += model(**prompt, document_memories=memories[:, None]).lm_loss.item()
-        other += model(**prompt, document_memories=memories.roll(1, 0)[:, None]).lm_loss.item()
-    count = len(batches)
-    return {"own_loss": round(own / count, 4), "other_loss": round(other / count, 4),
-            "gap": round((other - own) / count, 4)}
+    return memory_use(model, collator, reconstruction_rows(texts), config.eval_batch_size)
 
 
 class GapCurve(TrainerCallback):
@@ -161,7 +155,7 @@ class GapCurve(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.config.gap_every and state.global_step % self.config.gap_every == 0:
             self.model.eval()
-            self.points.append({"step": state.global_step, **memory_use(self.model, self.held_out, self.config)})
+            self.points.append({"step": state.global_step, **chunk_memory_use(self.model, self.held_out, self.config)})
             self.model.train()
             logger.info("step %d: held-out %s", state.global_step, self.points[-1])
 
@@ -197,7 +191,7 @@ def run(config: DiagnosisConfig) -> dict:
             ).eval()
             transform = apply_variant(model, variant, train[:64], config.eval_batch_size)
             run_result = {"variant": variant, "train_chunks": count, "transform": transform,
-                          "untrained": memory_use(model, held_out, config)}
+                          "untrained": chunk_memory_use(model, held_out, config)}
             settings = training_settings(config, output / f"{variant}_{count}", 1.0)
             started = time.perf_counter()
             trainer_class = {"frozen-generator": CompressorOnlySCPTrainer, "contrastive": ContrastiveSCPTrainer}.get(
@@ -208,8 +202,8 @@ def run(config: DiagnosisConfig) -> dict:
                                                  callbacks=[curve], max_steps=config.steps)
             run_result["gap_curve"] = curve.points
             run_result["train_s"] = round(time.perf_counter() - started, 1)
-            run_result["held_out"] = memory_use(model, held_out, config)
-            run_result["train_sample"] = memory_use(model, train[: config.eval_chunks], config)
+            run_result["held_out"] = chunk_memory_use(model, held_out, config)
+            run_result["train_sample"] = chunk_memory_use(model, train[: config.eval_chunks], config)
             run_result["reconstruction_f1"] = reconstruction(model, config, held_out, metric)["f1"]
             run_result["memories"] = memory_statistics(model, held_out, config.eval_batch_size)
             results["runs"].append(run_result)

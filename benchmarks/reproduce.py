@@ -32,7 +32,7 @@ from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_
 from evaluation.harness import DenseRanker, bm25_rank, machine_description
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model
 from trainers import InstructConfig, InstructTrainer, SCPConfig, SCPTrainer
-from trainers.collators import PARAPHRASE_INSTRUCTION
+from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +173,59 @@ def reconstruction(model: ClaraForRAG, config: StudyConfig, passages: list[str],
     return {"f1": round(scores["f1"], 2), "example": predictions[0][:300]}
 
 
+def other_document_rows(documents: list[str]) -> list[int]:
+    """For each row, the next row (cyclically) whose document is another."""
+    count = len(documents)
+    partners = [next((j % count for j in range(i + 1, i + count) if documents[j % count] != documents[i]), None)
+                for i in range(count)]
+    if None in partners:
+        raise ValueError("Measuring memory use needs rows with at least two different documents.")
+    return partners
+
+
+@torch.no_grad()
+def memory_use(model: ClaraForRAG, collator, rows: list[dict], batch_size: int) -> dict:
+    """Teacher-forced loss (nats per token) of each row's target from the memories of its own document and from
+    those of the next row with another document (cyclically). Their difference, the gap, is what the memories tell
+    the generator about their document (0: nothing). Means over batches, weighted by their rows. `rows` are
+    `collator`'s rows (their document under `document` or `documents`; the first one is read)."""
+    partners = other_document_rows([row["document"] if "document" in row else row["documents"][0] for row in rows])
+    count = len(rows)
+    own = other = 0.0
+    for start in range(0, count, batch_size):
+        batch = collator(rows[start : start + batch_size])
+        prompt = {key: batch[key].to(model.device) for key in ("input_ids", "attention_mask", "labels")}
+
+        def summed_loss(source: dict) -> float:
+            memories, _ = model.memory_states(source["document_input_ids"][:, 0].to(model.device),
+                                              source["document_attention_mask"][:, 0].to(model.device))
+            return model(**prompt, document_memories=memories[:, None]).lm_loss.item() * len(memories)
+
+        own += summed_loss(batch)
+        other += summed_loss(collator([rows[j] for j in partners[start : start + batch_size]]))
+    return {"own_loss": round(own / count, 4), "other_loss": round(other / count, 4),
+            "gap": round((other - own) / count, 4)}
+
+
+def reconstruction_rows(passages: list[str]) -> list[dict]:
+    """Stage-1 rows whose target is the passage itself (`SCPCollator`)."""
+    return [{"data_type": "paraphrase", "questions": [], "answers": [p], "document": p} for p in passages]
+
+
+def held_out_memory_use(model: ClaraForRAG, config: StudyConfig, data: dict) -> dict:
+    """`memory_use` on the held-out questions' first gold answers, each from its passage (stage 2's prompt), and on
+    the held-out passages' reconstruction (stage 1's prompt)."""
+    questions = [json.loads(line) for line in Path(data["eval"]).read_text().splitlines()]
+    answer_rows = [{"question": r["question"], "documents": r["docs"][:1], "answer": r["golden_answers"][0]}
+                   for r in questions]
+    return {
+        "answers": memory_use(model, InstructCollator(model.processor, config.max_length), answer_rows,
+                              config.eval_batch_size),
+        "reconstruction": memory_use(model, SCPCollator(model.processor, config.max_length),
+                                     reconstruction_rows(data["held_out_passages"]), config.eval_batch_size),
+    }
+
+
 @torch.no_grad()
 def memory_statistics(model: ClaraForRAG, passages: list[str], batch_size: int) -> dict:
     """RMS per dimension of the memories against the input embeddings they replace, and how alike two different
@@ -263,7 +316,8 @@ class Study:
         self.started = time.perf_counter()
         self.results = {"settings": asdict(config), "command": command, "machine": machine_description(),
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "answers": {}, "reconstruction": {}, "memories": {}, "retrieval": {}, "training": {},
+                        "answers": {}, "reconstruction": {}, "memories": {}, "memory_use": {}, "retrieval": {},
+                        "training": {},
                         "skipped": []}
 
     def save(self):
@@ -308,6 +362,7 @@ class Study:
                 self.results["answers"]["text RAG"] = answer_quality(model, config, data, "text")
             self.results["answers"][f"{name} untrained"] = answer_quality(model, config, data, "clara")
             self.results["memories"][f"{name} untrained"] = memory_statistics(model, passages, config.eval_batch_size)
+            self.results["memory_use"][f"{name} untrained"] = held_out_memory_use(model, config, data)
             self.save()
             if not self.in_budget(f"rate {rate}: stage 1"):
                 break
@@ -316,6 +371,7 @@ class Study:
             self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data, "clara")
             self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, metric)
             self.results["memories"][f"{name} stage 1"] = memory_statistics(model, passages, config.eval_batch_size)
+            self.results["memory_use"][f"{name} stage 1"] = held_out_memory_use(model, config, data)
             self.save()
             if not self.in_budget(f"rate {rate}: stage 2"):
                 break
@@ -325,6 +381,7 @@ class Study:
             )
             self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data, "clara")
             self.results["memories"][f"{name} stage 2"] = memory_statistics(model, passages, config.eval_batch_size)
+            self.results["memory_use"][f"{name} stage 2"] = held_out_memory_use(model, config, data)
             model.copy_adapter("compressor", "query_reasoner")
             self.results["retrieval"][f"{name} stage-2 compressor as query reasoner"] = retrieval(model, config, data)
             self.save()
@@ -382,6 +439,15 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
               "| model | memory RMS | input-embedding RMS | mean cosine between two passages |", "|---|---|---|---|"]
     for name, stats in results["memories"].items():
         lines.append(f"| {name} | {stats['memory_rms']} | {stats['embedding_rms']} | {stats['mean_pairwise_cosine']} |")
+    lines += ["", "## What the memories tell the generator about held-out passages", "",
+              "Teacher-forced loss (nats per token) of each held-out target from its own passage's memories and from "
+              "another held-out passage's; the gap is what the memories carry about their passage (0: nothing).", "",
+              "| model | answers: own | another's | gap | reconstruction: own | another's | gap |",
+              "|---|---|---|---|---|---|---|"]
+    for name, use in results.get("memory_use", {}).items():
+        answers, rebuilt = use["answers"], use["reconstruction"]
+        lines.append(f"| {name} | {answers['own_loss']} | {answers['other_loss']} | {answers['gap']} | "
+                     f"{rebuilt['own_loss']} | {rebuilt['other_loss']} | {rebuilt['gap']} |")
     lines += ["", f"## Retrieval: each held-out question against its passage and {settings['negatives']} BM25 hard "
               "negatives", "", "| retriever | Recall@1 | Recall@5 |", "|---|---|---|"]
     retrieval_rows = {**results["retrieval"].get("baselines", {}),

@@ -56,10 +56,13 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert {"random", "bm25"} <= set(results["retrieval"]["baselines"])
     assert "cr8 stage-2 compressor as query reasoner" in results["retrieval"]
     assert results["training"]["cr4 stage 1"]["steps"] == 3 and not results["skipped"]
+    for stage in ("untrained", "stage 1", "stage 2"):
+        use = results["memory_use"][f"cr8 {stage}"]
+        assert use["answers"]["own_loss"] > 0 and use["reconstruction"]["own_loss"] > 0
     stats = results["memories"]["cr4 untrained"]
     assert stats["memory_rms"] > 0 and -1 <= stats["mean_pairwise_cosine"] <= 1
     report = (tmp_path / "docs" / "reproduction.md").read_text()
-    assert "| cr8 stage 2 |" in report and "Recall@1" in report and "memories centred over documents" in report
+    assert "| cr8 stage 2 |" in report and "Recall@1" in report and "answers: own" in report and "memories centred over documents" in report
     # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
     exported = tmp_path / "export"
     weights = load_file(exported / "clara_adapters.safetensors")
@@ -82,6 +85,36 @@ def test_a_spent_time_budget_skips_the_remaining_phases(reproduce, tiny_base_dir
     )
     results = reproduce.Study(config).run()
     assert results["skipped"] == ["rate 4: untrained"] and results["answers"] == {}
+
+
+def test_memory_use_against_per_row_losses(reproduce, llama_clara):
+    from trainers.collators import InstructCollator
+
+    rows = [{"question": f"Question {i}?", "documents": [DOCUMENTS[d]], "answer": f"Answer {i}"}
+            for i, d in enumerate([0, 0, 1, 2, 2])]
+    collator = InstructCollator(llama_clara.processor, max_length=512)
+    use = reproduce.memory_use(llama_clara, collator, rows, batch_size=3)
+    # Reference, all rows in one batch: rows 0 and 1 read row 2's document, 2 reads 3's, 3 and 4 (the end) read 0's.
+    batch = collator(rows)
+    tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    with torch.no_grad():
+        memories, _ = llama_clara.memory_states(batch["document_input_ids"][:, 0], batch["document_attention_mask"][:, 0])
+        per_row = [
+            [llama_clara(**{k: v[i : i + 1] for k, v in tokens.items()}, document_memories=memories[[j]][:, None]).lm_loss
+             for i, j in enumerate(sources)]
+            for sources in ([0, 1, 2, 3, 4], [2, 2, 3, 0, 0])
+        ]
+    own, other = (torch.stack(losses).mean().item() for losses in per_row)
+    # Every answer has as many tokens, so the batches' means weighted by their rows are the mean over rows.
+    assert use["own_loss"] == pytest.approx(own, abs=1e-4) and use["other_loss"] == pytest.approx(other, abs=1e-4)
+    assert use["gap"] == pytest.approx(other - own, abs=2e-4)
+
+
+def test_each_row_is_measured_against_the_next_row_with_another_document(reproduce):
+    assert reproduce.other_document_rows(["a", "a", "b", "c", "c"]) == [2, 2, 3, 0, 0]
+    assert reproduce.other_document_rows(["a", "b"]) == [1, 0]
+    with pytest.raises(ValueError, match="two different documents"):
+        reproduce.other_document_rows(["a", "a"])
 
 
 # ---------------------------------------------------------------- benchmarks/memory_diagnosis.py
