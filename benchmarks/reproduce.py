@@ -2,16 +2,21 @@
 
 On the reference SCP sample (1,000 real passages with synthesized QA, `../shared/data/`), split 850 train / 150
 held out (seed 0), it measures answers on held-out questions when the generator reads only the question's own
-passage (k=1): closed-book, text RAG (the bare base reads the passage), and CLaRa untrained, after stage 1 and after
-stage 2, at each compression rate; the held-out passages' reconstruction from their memories; the memories' scale and
-sameness; and retrieval among the source and 9 BM25 hard negatives (BM25, dense, random, and the stage-2 compressor
-used as query reasoner). Results go to `results.json` as they come, then to `docs/reproduction.md` and plots.
+passage (k=1): closed-book, text RAG (the bare base reads the passage), and CLaRa untrained and after stages 1, 2
+and 3, at each compression rate; what the memories tell the generator (the teacher-forced loss of held-out answers
+and passages from their own passage's memories against another's); the held-out passages' reconstruction from
+their memories; the memories' scale and sameness; retrieval among the source and 9 BM25 hard negatives (BM25,
+dense, random, the stage-2 compressor used as query reasoner, the stage-3 query reasoner); and answers when the
+query reasoner picks the passage among them. Results go to `results.json` as they come, then to
+`docs/reproduction.md` and plots.
 
     python benchmarks/reproduce.py --quick        # 2 CPU cores, a few minutes: a small slice, one rate
     python benchmarks/reproduce.py                # the full study (one GPU; see ../shared/gpu/README.md)
 
 `--help` lists every setting. Stage 1 trains on each train passage's QA pairs and on its reconstruction (a
-paraphrase row whose target is the passage itself).
+paraphrase row whose target is the passage itself); stage 2 on the question/passage/answer triples; stage 3 on the
+same questions, each among its passage and BM25 hard negatives from the other train passages, without relevance
+labels.
 """
 
 import copy
@@ -29,9 +34,9 @@ import torch
 from transformers import HfArgumentParser
 
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
-from evaluation.harness import DenseRanker, bm25_rank, machine_description
+from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, machine_description
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model
-from trainers import InstructConfig, InstructTrainer, SCPConfig, SCPTrainer
+from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer
 from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPCollator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +62,10 @@ class StudyConfig:
     negatives: int = field(default=9, metadata={"help": "BM25 hard negatives per retrieval question."})
     scp_epochs: float = field(default=3.0, metadata={"help": "Stage-1 epochs."})
     instruct_epochs: float = field(default=0.5, metadata={"help": "Stage-2 epochs."})
+    joint_epochs: float = field(default=0.5, metadata={"help": "Stage-3 epochs (0: no stage 3)."})
+    joint_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Stage-3 learning rate (query reasoner and generator)."}
+    )
     batch_size: int = field(default=16, metadata={"help": "Training rows per step (32 ran out of H200 memory)."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of both stages."})
     mse_weight: float = field(default=0.1, metadata={"help": "Weight of the memory/document MSE (ClaraConfig)."})
@@ -87,7 +96,7 @@ class StudyConfig:
     def __post_init__(self):
         if self.quick:
             self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
-            self.questions_per_passage, self.scp_epochs, self.instruct_epochs = 2, 1.0, 0.5
+            self.questions_per_passage, self.scp_epochs, self.instruct_epochs, self.joint_epochs = 2, 1.0, 0.5, 0.25
             self.batch_size, self.max_new_tokens, self.reconstruction_tokens = 8, 12, 24
             self.eval_batch_size, self.learning_rate, self.max_length = 16, 5e-4, 192
 
@@ -102,6 +111,27 @@ def split_rows(data: str, held_out: int, seed: int) -> tuple[list[dict], list[di
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in order[held_out:]], [rows[i] for i in order[:held_out]]
+
+
+def with_hard_negatives(
+    rows: list[dict], negatives: int, generator: random.Random, questions_per_passage: int | None = None
+) -> list[dict]:
+    """Per question of the SCP `rows` (the first `questions_per_passage` of each passage): its passage and the
+    `negatives` passages of the other rows that BM25 ranks first for it, shuffled by `generator`, in the evaluation
+    format (`question`, `docs`, `golden_answers`, `pos_index`)."""
+    passages = [row["docs"][0] for row in rows]
+    questions = [
+        (index, question, answer)
+        for index, row in enumerate(rows)
+        for question, answer in list(zip(row["question"], row["answers"]))[:questions_per_passage]
+    ]
+    result = []
+    for (index, question, answer), ranking in zip(questions, bm25_rankings([q for _, q, _ in questions], passages)):
+        candidates = [index, *[i for i in ranking if i != index][:negatives]]
+        generator.shuffle(candidates)
+        result.append({"question": question, "docs": [passages[i] for i in candidates], "golden_answers": [answer],
+                       "pos_index": [candidates.index(index)]})
+    return result
 
 
 def build_data(config: StudyConfig, directory: Path) -> dict:
@@ -121,36 +151,36 @@ def build_data(config: StudyConfig, directory: Path) -> dict:
     instruct = [
         {"question": q, "docs": r["docs"], "answer": a} for r in train for q, a in zip(r["question"], r["answers"])
     ]
-    passages = [r["docs"][0] for r in held_out]
-    evaluation, retrieval = [], []
-    generator = random.Random(config.seed + 1)
-    for index, row in enumerate(held_out):
-        for question, answer in list(zip(row["question"], row["answers"]))[: config.questions_per_passage]:
-            evaluation.append({"question": question, "docs": row["docs"], "golden_answers": [answer], "pos_index": [0]})
-            others = [i for i in bm25_rank(question, passages) if i != index][: config.negatives]
-            candidates = [index, *others]
-            generator.shuffle(candidates)
-            retrieval.append(
-                {"question": question, "docs": [passages[i] for i in candidates], "golden_answers": [answer],
-                 "pos_index": [candidates.index(index)]}
-            )
+    evaluation = [
+        {"question": question, "docs": row["docs"], "golden_answers": [answer], "pos_index": [0]}
+        for row in held_out for question, answer in list(zip(row["question"], row["answers"]))[: config.questions_per_passage]
+    ]
+    retrieval = with_hard_negatives(held_out, config.negatives, random.Random(config.seed + 1), config.questions_per_passage)
+    # Stage 3's rows: every train question among its passage and hard negatives from the other train passages. The
+    # trainer never reads pos_index (it only logs Recall@k from it).
+    joint = [
+        {"question": row["question"], "docs": row["docs"], "answer": row["golden_answers"][0], "pos_index": row["pos_index"]}
+        for row in with_hard_negatives(train, config.negatives, random.Random(config.seed + 3))
+    ]
     return {
         "scp": write("scp.jsonl", scp),
         "instruct": write("instruct.jsonl", instruct),
+        "joint": write("joint.jsonl", joint),
         "eval": write("eval_k1.jsonl", evaluation),
         "retrieval": write("eval_retrieval.jsonl", retrieval),
-        "held_out_passages": passages,
+        "held_out_passages": [r["docs"][0] for r in held_out],
         "counts": {"train_passages": len(train), "held_out_passages": len(held_out), "scp_rows": len(scp),
-                   "instruct_rows": len(instruct), "eval_questions": len(evaluation)},
+                   "instruct_rows": len(instruct), "joint_rows": len(joint), "eval_questions": len(evaluation)},
     }
 
 
 # ---------------------------------------------------------------- measurements
 
 
-def answer_quality(model: ClaraForRAG, config: StudyConfig, data: dict, baseline: str) -> dict:
+def answer_quality(model: ClaraForRAG, config: StudyConfig, data_file: str, baseline: str) -> dict:
+    """Answers to the questions of `data_file`, each from the top-1 document of `baseline`'s ranking."""
     evaluation = EvaluationConfig(
-        model="study", data=data["eval"], k=1, baseline=baseline, max_new_tokens=config.max_new_tokens,
+        model="study", data=data_file, k=1, baseline=baseline, max_new_tokens=config.max_new_tokens,
         batch_size=config.eval_batch_size,
     )
     report = evaluate_model(evaluation, model=model, show_progress=False)
@@ -316,8 +346,8 @@ class Study:
         self.started = time.perf_counter()
         self.results = {"settings": asdict(config), "command": command, "machine": machine_description(),
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "answers": {}, "reconstruction": {}, "memories": {}, "memory_use": {}, "retrieval": {},
-                        "training": {},
+                        "answers": {}, "retrieved_answers": {}, "reconstruction": {}, "memories": {},
+                        "memory_use": {}, "retrieval": {}, "training": {},
                         "skipped": []}
 
     def save(self):
@@ -358,9 +388,9 @@ class Study:
             name = f"cr{rate}"
             model = self.new_model(rate)
             if index == 0:
-                self.results["answers"]["closed-book"] = answer_quality(model, config, data, "closed-book")
-                self.results["answers"]["text RAG"] = answer_quality(model, config, data, "text")
-            self.results["answers"][f"{name} untrained"] = answer_quality(model, config, data, "clara")
+                self.results["answers"]["closed-book"] = answer_quality(model, config, data["eval"], "closed-book")
+                self.results["answers"]["text RAG"] = answer_quality(model, config, data["eval"], "text")
+            self.results["answers"][f"{name} untrained"] = answer_quality(model, config, data["eval"], "clara")
             self.results["memories"][f"{name} untrained"] = memory_statistics(model, passages, config.eval_batch_size)
             self.results["memory_use"][f"{name} untrained"] = held_out_memory_use(model, config, data)
             self.save()
@@ -368,7 +398,7 @@ class Study:
                 break
             settings = training_settings(config, self.output / name / "scp", config.scp_epochs)
             self.results["training"][f"{name} stage 1"] = train_stage(SCPTrainer, SCPConfig, model, settings, data["scp"])
-            self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data, "clara")
+            self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data["eval"], "clara")
             self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, metric)
             self.results["memories"][f"{name} stage 1"] = memory_statistics(model, passages, config.eval_batch_size)
             self.results["memory_use"][f"{name} stage 1"] = held_out_memory_use(model, config, data)
@@ -379,14 +409,31 @@ class Study:
             self.results["training"][f"{name} stage 2"] = train_stage(
                 InstructTrainer, InstructConfig, model, settings, data["instruct"], generator_init="keep"
             )
-            self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data, "clara")
+            self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data["eval"], "clara")
             self.results["memories"][f"{name} stage 2"] = memory_statistics(model, passages, config.eval_batch_size)
             self.results["memory_use"][f"{name} stage 2"] = held_out_memory_use(model, config, data)
             model.copy_adapter("compressor", "query_reasoner")
             self.results["retrieval"][f"{name} stage-2 compressor as query reasoner"] = retrieval(model, config, data)
+            self.results["retrieved_answers"][f"{name} stage 2"] = answer_quality(model, config, data["retrieval"], "clara")
             self.save()
             if index == 0 and config.export_dir:
                 export_checkpoint(model, Path(config.export_dir), config.export_base, self.results)
+            if not config.joint_epochs:
+                continue
+            if not self.in_budget(f"rate {rate}: stage 3"):
+                break
+            # The generator reads the query reasoner's top-1 candidate, as in the evaluation.
+            model.config.generation_top_k = 1
+            settings = training_settings(config, self.output / name / "joint", config.joint_epochs)
+            settings["learning_rate"] = config.joint_learning_rate
+            self.results["training"][f"{name} stage 3"] = train_stage(
+                JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True
+            )
+            self.results["retrieval"][f"{name} stage-3 query reasoner"] = retrieval(model, config, data)
+            self.results["retrieved_answers"][f"{name} stage 3"] = answer_quality(model, config, data["retrieval"], "clara")
+            self.results["answers"][f"{name} stage 3"] = answer_quality(model, config, data["eval"], "clara")
+            self.results["memory_use"][f"{name} stage 3"] = held_out_memory_use(model, config, data)
+            self.save()
         self.save()
         return self.results
 
@@ -419,7 +466,10 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         f"Stage 1: {counts.get('scp_rows')} rows (each train passage's QA pairs"
         f"{' and its reconstruction' if settings['reconstruction'] else ''}), {settings['scp_epochs']} epochs; stage 2: "
         f"{counts.get('instruct_rows')} question/passage/answer rows, {settings['instruct_epochs']} epochs (generator "
-        f"kept); batch {settings['batch_size']}, lr {settings['learning_rate']}; memories "
+        f"kept); stage 3: {counts.get('joint_rows')} train questions, each among its passage and "
+        f"{settings['negatives']} BM25 hard negatives, no relevance labels, the generator reading the query "
+        f"reasoner's top 1, {settings['joint_epochs']} epochs at lr {settings['joint_learning_rate']}; batch "
+        f"{settings['batch_size']}, lr {settings['learning_rate']}; memories "
         f"{'centred over documents' if settings.get('center_memories') else 'as they are (not centred)'}.",
         "",
         "## Answers on held-out questions, the generator reading only the question's own passage (k=1)",
@@ -430,6 +480,11 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
     for name, scores in results["answers"].items():
         lines.append(f"| {name} | {scores['exact_match']} | {scores['f1']} | {scores['cover']} | "
                      f"{scores['exact_match_first']} |")
+    lines += ["", f"## Answers among the passage and {settings['negatives']} BM25 hard negatives: the query reasoner "
+              "picks the one passage the generator reads", "",
+              "| model | EM | token F1 | cover |", "|---|---|---|---|"]
+    for name, scores in results.get("retrieved_answers", {}).items():
+        lines.append(f"| {name} | {scores['exact_match']} | {scores['f1']} | {scores['cover']} |")
     lines += ["", "## Reconstruction of held-out passages from their memories (token F1)", "",
               "| model | token F1 | start of the first reconstruction |", "|---|---|---|"]
     for name, scores in results["reconstruction"].items():
@@ -477,7 +532,7 @@ def write_plots(results: dict, docs_dir: Path) -> list[str]:
     except ImportError:
         logger.warning("matplotlib is not installed: no plots.")
         return []
-    stages = ["untrained", "stage 1", "stage 2"]
+    stages = ["untrained", "stage 1", "stage 2", "stage 3"]
     figure, axis = plt.subplots(figsize=(6, 4))
     for rate in results["settings"]["rates"]:
         values = [results["answers"].get(f"cr{rate} {stage}", {}).get("cover", math.nan) for stage in stages]

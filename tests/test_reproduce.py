@@ -42,27 +42,30 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     settings = {
         "data": scp_file(tmp_path / "scp.jsonl"), "base": tiny_base_dir, "output_dir": tmp_path / "run",
         "docs_dir": tmp_path / "docs", "export_dir": tmp_path / "export", "doc_max_length": 16, "held_out": 3,
-        "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "batch_size": 4, "max_new_tokens": 3,
+        "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "joint_epochs": 1,
+        "batch_size": 4, "max_new_tokens": 3,
         "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
     }
     arguments = [f"--{key}={value}" for key, value in settings.items()] + ["--rates", "4", "8"]
     assert reproduce.main(arguments) == 0  # the command line, as a user runs it
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["data"] == {"train_passages": 5, "held_out_passages": 3, "scp_rows": 10, "instruct_rows": 10,
-                               "eval_questions": 6}
-    expected = {"closed-book", "text RAG"} | {f"cr{r} {s}" for r in (4, 8) for s in ("untrained", "stage 1", "stage 2")}
-    assert set(results["answers"]) == expected
+                               "joint_rows": 10, "eval_questions": 6}
+    stages = ("untrained", "stage 1", "stage 2", "stage 3")
+    assert set(results["answers"]) == {"closed-book", "text RAG"} | {f"cr{r} {s}" for r in (4, 8) for s in stages}
+    assert set(results["retrieved_answers"]) == {f"cr{r} {s}" for r in (4, 8) for s in ("stage 2", "stage 3")}
     assert set(results["reconstruction"]) == {"cr4 stage 1", "cr8 stage 1"}
     assert {"random", "bm25"} <= set(results["retrieval"]["baselines"])
-    assert "cr8 stage-2 compressor as query reasoner" in results["retrieval"]
+    assert {"cr8 stage-2 compressor as query reasoner", "cr8 stage-3 query reasoner"} <= set(results["retrieval"])
     assert results["training"]["cr4 stage 1"]["steps"] == 3 and not results["skipped"]
-    for stage in ("untrained", "stage 1", "stage 2"):
+    assert results["training"]["cr4 stage 3"]["steps"] == 3
+    for stage in stages:
         use = results["memory_use"][f"cr8 {stage}"]
         assert use["answers"]["own_loss"] > 0 and use["reconstruction"]["own_loss"] > 0
     stats = results["memories"]["cr4 untrained"]
     assert stats["memory_rms"] > 0 and -1 <= stats["mean_pairwise_cosine"] <= 1
     report = (tmp_path / "docs" / "reproduction.md").read_text()
-    assert "| cr8 stage 2 |" in report and "Recall@1" in report and "answers: own" in report and "memories centred over documents" in report
+    assert "| cr8 stage 3 |" in report and "Recall@1" in report and "answers: own" in report and "memories centred over documents" in report
     # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
     exported = tmp_path / "export"
     weights = load_file(exported / "clara_adapters.safetensors")
@@ -76,6 +79,26 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     for name, value in model.state_dict().items():
         if ".query_reasoner." in name:
             assert torch.equal(value, model.state_dict()[name.replace(".query_reasoner.", ".compressor.")])
+
+
+def test_each_question_meets_its_passage_among_bm25_hard_negatives_from_the_other_passages(reproduce):
+    import random
+
+    rows = [{"question": [f"What is the capital of {country}?", f"What colour is the flag of {country}?"],
+             "answers": [capital, colour], "docs": [f"{country} is a country. Its capital is {capital}."]}
+            for country, capital, colour in FICTIONAL_FACTS]
+    passages = [row["docs"][0] for row in rows]
+    result = reproduce.with_hard_negatives(rows, negatives=2, generator=random.Random(0), questions_per_passage=1)
+    assert [r["question"] for r in result] == [row["question"][0] for row in rows]
+    for index, (row, example) in enumerate(zip(rows, result)):
+        assert example["golden_answers"] == row["answers"][:1] and len(example["docs"]) == 3
+        assert example["docs"][example["pos_index"][0]] == passages[index]
+        # The two negatives are the other passages BM25 ranks first for the question.
+        ranking = [i for i in reproduce.bm25_rank(example["question"], passages) if i != index]
+        assert sorted(example["docs"][i] for i in range(3) if i != example["pos_index"][0]) == sorted(
+            passages[i] for i in ranking[:2]
+        )
+    assert len(reproduce.with_hard_negatives(rows, 2, random.Random(0))) == 2 * len(rows)  # every question
 
 
 def test_a_spent_time_budget_skips_the_remaining_phases(reproduce, tiny_base_dir, tmp_path):
