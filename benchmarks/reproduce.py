@@ -67,7 +67,7 @@ class StudyConfig:
         default=1e-4, metadata={"help": "Stage-3 learning rate (query reasoner and generator)."}
     )
     batch_size: int = field(default=16, metadata={"help": "Training rows per step (32 ran out of H200 memory)."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of both stages."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of stages 1 and 2."})
     mse_weight: float = field(default=0.1, metadata={"help": "Weight of the memory/document MSE (ClaraConfig)."})
     center_memories: bool = field(
         default=True,
