@@ -42,9 +42,8 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     settings = {
         "data": scp_file(tmp_path / "scp.jsonl"), "base": tiny_base_dir, "output_dir": tmp_path / "run",
         "docs_dir": tmp_path / "docs", "export_dir": tmp_path / "export", "doc_max_length": 16, "held_out": 3,
-        "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "joint_epochs": 1,
-        "batch_size": 4, "max_new_tokens": 3,
-        "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
+        "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "joint_epochs": 1, "batch_size": 4,
+        "max_new_tokens": 3, "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
     }
     arguments = [f"--{key}={value}" for key, value in settings.items()] + ["--rates", "4", "8"]
     assert reproduce.main(arguments) == 0  # the command line, as a user runs it
@@ -65,7 +64,8 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     stats = results["memories"]["cr4 untrained"]
     assert stats["memory_rms"] > 0 and -1 <= stats["mean_pairwise_cosine"] <= 1
     report = (tmp_path / "docs" / "reproduction.md").read_text()
-    assert "| cr8 stage 3 |" in report and "Recall@1" in report and "answers: own" in report and "memories centred over documents" in report
+    assert "| cr8 stage 3 |" in report and "Recall@1" in report and "answers: own" in report
+    assert "memories centred over documents" in report
     # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
     exported = tmp_path / "export"
     weights = load_file(exported / "clara_adapters.safetensors")
@@ -129,8 +129,9 @@ def test_memory_use_against_per_row_losses(reproduce, llama_clara):
         ]
     own, other = (torch.stack(losses).mean().item() for losses in per_row)
     # Every answer has as many tokens, so the batches' means weighted by their rows are the mean over rows.
-    assert use["own_loss"] == pytest.approx(own, abs=1e-4) and use["other_loss"] == pytest.approx(other, abs=1e-4)
-    assert use["gap"] == pytest.approx(other - own, abs=2e-4)
+    # The report rounds to 1e-4; batched and one-row forwards differ by float rounding only.
+    assert use["own_loss"] == pytest.approx(own, abs=3e-4) and use["other_loss"] == pytest.approx(other, abs=3e-4)
+    assert use["gap"] == pytest.approx(other - own, abs=3e-4)
 
 
 def test_each_row_is_measured_against_the_next_row_with_another_document(reproduce):
