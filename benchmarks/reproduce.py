@@ -580,6 +580,8 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
                      f"{stats['last_lm_loss']} |")
     if results["skipped"]:
         lines += ["", f"Skipped for the time budget: {', '.join(results['skipped'])}."]
+    if results.get("resumed_by"):
+        lines += ["", f"Resumed by: {'; '.join(f'`{command}`' for command in results['resumed_by'])}."]
     plots = write_plots(results, docs_dir)
     if plots:
         lines += ["", *[f"![{name}]({name})" for name in plots]]
