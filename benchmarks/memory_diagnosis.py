@@ -23,7 +23,9 @@ a model option):
 - `batch-centred`: the model option `center_memories=True`: in training, each memory slot's mean over the batch's
   documents is subtracted (with its gradient, so the compressor receives only the part of the gradient that differs
   between documents and cannot learn one prompt for all), then rescaled to the embeddings' RMS; outside training a
-  running mean of those batch means is subtracted instead (batch normalisation's scheme, without the variance).
+  running mean of those batch means is subtracted instead (batch normalisation's scheme, without the variance);
+- `batch-centred-no-mse`: `batch-centred` with MSE weight 0 (does the MSE term, which pulls each memory towards its
+  passage's mean token embedding, help or hinder once memories are centred?).
 
 With `--gap_every N` the held-out gap is also measured every N training steps (the curve goes into results.json).
 
@@ -45,6 +47,7 @@ from reproduce import (
     memory_statistics,
     memory_use,
     reconstruction,
+    reconstruction_record,
     reconstruction_rows,
     split_rows,
     train_stage,
@@ -58,7 +61,10 @@ from modeling_clara import ClaraForRAG, load_base_model
 from trainers import SCPConfig, SCPTrainer
 from trainers.collators import SCPCollator
 
-VARIANTS = ("reference", "no-mse", "rescaled", "centred", "frozen-generator", "contrastive", "batch-centred")
+VARIANTS = (
+    "reference", "no-mse", "rescaled", "centred", "frozen-generator", "contrastive", "batch-centred",
+    "batch-centred-no-mse",
+)
 CONTRASTIVE_MARGIN = 1.0  # nats per token the own memories must beat another chunk's by
 logger = logging.getLogger("memory_diagnosis")
 
@@ -179,15 +185,14 @@ def run(config: DiagnosisConfig) -> dict:
     for count in config.train_chunks:
         train_file = output / f"train_{count}.jsonl"
         train_file.write_text("".join(
-            json.dumps({"data_type": "paraphrase", "question": [], "answers": [c], "docs": [c]}) + "\n"
-            for c in train[:count]
+            json.dumps(reconstruction_record(chunk)) + "\n" for chunk in train[:count]
         ))
         for variant in config.variants:
             torch.manual_seed(42)
             model = ClaraForRAG.from_base_model(
                 copy.deepcopy(base).to(device), tokenizer, compression_rate=config.rate,
-                doc_max_length=config.doc_tokens, mse_weight=0.0 if variant == "no-mse" else 0.1,
-                center_memories=variant == "batch-centred",
+                doc_max_length=config.doc_tokens, mse_weight=0.0 if variant.endswith("no-mse") else 0.1,
+                center_memories=variant.startswith("batch-centred"),
             ).eval()
             transform = apply_variant(model, variant, train[:64], config.eval_batch_size)
             run_result = {"variant": variant, "train_chunks": count, "transform": transform,

@@ -120,6 +120,15 @@ def split_rows(data: str, held_out: int, seed: int) -> tuple[list[dict], list[di
     return [rows[i] for i in order[held_out:]], [rows[i] for i in order[:held_out]]
 
 
+def question_answer_pairs(rows: list[dict], questions_per_passage: int | None = None) -> list[tuple[int, str, str]]:
+    """`(row index, question, answer)` of the first `questions_per_passage` QA pairs of each SCP row (None: all)."""
+    return [
+        (index, question, answer)
+        for index, row in enumerate(rows)
+        for question, answer in list(zip(row["question"], row["answers"]))[:questions_per_passage]
+    ]
+
+
 def with_hard_negatives(
     rows: list[dict], negatives: int, generator: random.Random, questions_per_passage: int | None = None
 ) -> list[dict]:
@@ -127,11 +136,7 @@ def with_hard_negatives(
     `negatives` passages of the other rows that BM25 ranks first for it, shuffled by `generator`, in the evaluation
     format (`question`, `docs`, `golden_answers`, `pos_index`)."""
     passages = [row["docs"][0] for row in rows]
-    questions = [
-        (index, question, answer)
-        for index, row in enumerate(rows)
-        for question, answer in list(zip(row["question"], row["answers"]))[:questions_per_passage]
-    ]
+    questions = question_answer_pairs(rows, questions_per_passage)
     result = []
     for (index, question, answer), ranking in zip(questions, bm25_rankings([q for _, q, _ in questions], passages)):
         candidates = [index, *[i for i in ranking if i != index][:negatives]]
@@ -154,13 +159,11 @@ def build_data(config: StudyConfig, directory: Path) -> dict:
 
     scp = [{"data_type": "qa", "question": r["question"], "answers": r["answers"], "docs": r["docs"]} for r in train]
     if config.reconstruction:
-        scp += [{"data_type": "paraphrase", "question": [], "answers": r["docs"], "docs": r["docs"]} for r in train]
-    instruct = [
-        {"question": q, "docs": r["docs"], "answer": a} for r in train for q, a in zip(r["question"], r["answers"])
-    ]
+        scp += [reconstruction_record(r["docs"][0]) for r in train]
+    instruct = [{"question": q, "docs": train[i]["docs"], "answer": a} for i, q, a in question_answer_pairs(train)]
     evaluation = [
-        {"question": question, "docs": row["docs"], "golden_answers": [answer], "pos_index": [0]}
-        for row in held_out for question, answer in list(zip(row["question"], row["answers"]))[: config.questions_per_passage]
+        {"question": q, "docs": held_out[i]["docs"], "golden_answers": [a], "pos_index": [0]}
+        for i, q, a in question_answer_pairs(held_out, config.questions_per_passage)
     ]
     retrieval = with_hard_negatives(held_out, config.negatives, random.Random(config.seed + 1), config.questions_per_passage)
     # Stage 3's rows: every train question among its passage and hard negatives from the other train passages. The
@@ -225,27 +228,37 @@ def memory_use(model: ClaraForRAG, collator, rows: list[dict], batch_size: int) 
     """Teacher-forced loss (nats per token) of each row's target from the memories of its own document and from
     those of the next row with another document (cyclically). Their difference, the gap, is what the memories tell
     the generator about their document (0: nothing). Means over batches, weighted by their rows. `rows` are
-    `collator`'s rows (their document under `document` or `documents`; the first one is read)."""
-    partners = other_document_rows([row["document"] if "document" in row else row["documents"][0] for row in rows])
-    count = len(rows)
+    `collator`'s rows (their document under `document` or `documents`; the first one is read); each distinct
+    document is compressed once."""
+    documents = [row["document"] if "document" in row else row["documents"][0] for row in rows]
+    partners = other_document_rows(documents)
+    position = {document: i for i, document in enumerate(dict.fromkeys(documents))}
+    memories = model.compress_documents(list(position), batch_size=batch_size)
+    memory_row = [position[document] for document in documents]
     own = other = 0.0
-    for start in range(0, count, batch_size):
+    for start in range(0, len(rows), batch_size):
         batch = collator(rows[start : start + batch_size])
         prompt = {key: batch[key].to(model.device) for key in ("input_ids", "attention_mask", "labels")}
 
-        def summed_loss(source: dict) -> float:
-            memories, _ = model.memory_states(source["document_input_ids"][:, 0].to(model.device),
-                                              source["document_attention_mask"][:, 0].to(model.device))
-            return model(**prompt, document_memories=memories[:, None]).lm_loss.item() * len(memories)
+        def summed_loss(sources: list[int]) -> float:
+            read = memories[[memory_row[i] for i in sources]][:, None]
+            return model(**prompt, document_memories=read).lm_loss.item() * len(sources)
 
-        own += summed_loss(batch)
-        other += summed_loss(collator([rows[j] for j in partners[start : start + batch_size]]))
+        stop = min(start + batch_size, len(rows))
+        own += summed_loss(list(range(start, stop)))
+        other += summed_loss(partners[start:stop])
+    count = len(rows)
     return {"own_loss": round(own / count, 4), "other_loss": round(other / count, 4),
             "gap": round((other - own) / count, 4)}
 
 
+def reconstruction_record(passage: str) -> dict:
+    """An SCP file row (the reference format) whose target is the passage itself."""
+    return {"data_type": "paraphrase", "question": [], "answers": [passage], "docs": [passage]}
+
+
 def reconstruction_rows(passages: list[str]) -> list[dict]:
-    """Stage-1 rows whose target is the passage itself (`SCPCollator`)."""
+    """Stage-1 rows whose target is the passage itself, as `SCPCollator` reads them (`reconstruction_record`, loaded)."""
     return [{"data_type": "paraphrase", "questions": [], "answers": [p], "document": p} for p in passages]
 
 
