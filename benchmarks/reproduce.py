@@ -360,8 +360,8 @@ def train_stage(trainer_class, config_class, model, settings: dict, train_file: 
 
 class Study:
     """The study as phases per rate (untrained, stage 1, 2, 3), each a training stage and its measurements. After
-    every phase the results are written and, after a training stage, the model too, so `--resume` goes on from the
-    last finished phase after a crash, a kill or a spent time budget."""
+    every phase the results are written and, after a training stage that another phase follows, the model too, so
+    `--resume` goes on from the last finished phase after a crash, a kill or a spent time budget."""
 
     def __init__(self, config: StudyConfig, command: str = ""):
         self.config = config
@@ -445,6 +445,7 @@ class Study:
         phases = {"untrained": self.untrained, "stage 1": self.stage_1, "stage 2": self.stage_2, "stage 3": self.stage_3}
         if not config.joint_epochs:
             del phases["stage 3"]
+        last_stage = list(phases)[-1]
         for index, rate in enumerate(config.rates):
             model, done = None, None
             for stage, measure in phases.items():
@@ -458,7 +459,7 @@ class Study:
                 if model is None:  # the first phase of this rate run here
                     model = self.model_after(rate, done)
                 measure(model, f"cr{rate}", first_rate=index == 0)
-                if stage != "untrained":
+                if stage not in ("untrained", last_stage):  # what a resumed run starts the next phase from
                     model.save_pretrained(self.checkpoint(rate, stage), save_base_model=False)
                 self.results["finished_phases"].append(phase)
                 self.save()
