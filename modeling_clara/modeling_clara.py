@@ -216,6 +216,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
         # Found once: switching adapters touches only these layers.
         self._lora_layers = [m for m in self.language_model.modules() if isinstance(m, BaseTunerLayer)]
+        missing = [name for name in ("_active_adapter", "_disable_adapters") if not hasattr(self._lora_layers[0], name)]
+        if missing:
+            raise ImportError(f"This peft version's adapter layers have no {missing}, which switching adapters sets.")
+        # transformers' gradient_checkpointing_enable() flips the flag on the modules that have one.
+        self._checkpointing_modules = [m for m in self.language_model.modules() if hasattr(m, "gradient_checkpointing")]
         self._processor = None
         self._merged_signatures = {}  # component -> its weights' signature when merge_adapter() merged it
         self.generation_config = GenerationConfig(max_new_tokens=64, do_sample=False)
@@ -524,10 +529,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def _apply_trainable_components(self) -> None:
         for parameter in self.language_model.parameters():
             parameter.requires_grad = False
-        self._apply_adapter_trainability()
         self.added_token_embeddings.weight.requires_grad = "added_token_embeddings" in self.trainable_components
-
-    def _apply_adapter_trainability(self) -> None:
         trainable_adapters = {self.adapter_names[c] for c in self.trainable_components if c in self.adapter_names}
         for layer in self._lora_layers:
             for layer_name in layer.adapter_layer_names:
@@ -590,12 +592,13 @@ class ClaraForRAG(ClaraPreTrainedModel):
             self._activate(previous)
 
     def _activate(self, adapters: list[str] | None) -> None:
+        # peft's set_adapter / enable_adapters also set requires_grad on every adapter parameter, which the fixed
+        # trainable set (set_trainable_components) would then have to restore: 50 ms per switch on SmolLM2's 210
+        # adapted layers, two to four switches per training step. The state they set is written directly instead.
         for layer in self._lora_layers:
-            layer.enable_adapters(adapters is not None)
+            layer._disable_adapters = adapters is None
             if adapters is not None:
-                layer.set_adapter(adapters)
-        # peft's set_adapter / enable_adapters also flip requires_grad: restore the fixed set on the adapters.
-        self._apply_adapter_trainability()
+                layer._active_adapter = list(adapters)
 
     # ------------------------------------------------------------------ merged adapters (inference)
 
@@ -694,7 +697,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         memory_ids = torch.tensor(self.config.memory_token_ids, device=input_ids.device)
         if input_ids.dim() != 2 or not torch.equal(input_ids[:, -num_memory:], memory_ids.expand(len(input_ids), -1)):
             raise ValueError("Compression inputs must be [B, L], left-padded, ending with the memory tokens.")
-        if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in self.language_model.modules()):
+        if torch.is_grad_enabled() and any(m.gradient_checkpointing for m in self._checkpointing_modules):
             # Recomputation in backward would run with whichever adapter is active then: silently wrong gradients.
             raise ValueError(
                 f"Gradient checkpointing cannot train the {component}: disable it, or compress without gradients."

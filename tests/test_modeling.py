@@ -339,6 +339,22 @@ def test_adapter_context_restores_the_previous_adapter_and_the_trainable_set(cla
             pass
 
 
+def test_the_adapter_context_runs_what_peft_set_adapter_runs(clara):
+    # adapter() writes peft's active-adapter state itself, without peft's walk over every adapter parameter.
+    input_ids = clara.processor.tokenizer(DOCUMENTS[:2], return_tensors="pt", padding=True)["input_ids"]
+    logits = {}
+    for component in ["compressor", "query_reasoner", "generator", None]:
+        with torch.no_grad(), clara.adapter(component):
+            logits[component] = clara.language_model(input_ids).logits
+        for layer in clara._lora_layers:
+            layer.enable_adapters(component is not None)
+            if component is not None:
+                layer.set_adapter(clara.adapter_names[component])
+        with torch.no_grad():
+            assert torch.equal(logits[component], clara.language_model(input_ids).logits), component
+    assert len({tuple(value.flatten()[:8].tolist()) for value in logits.values()}) == 4  # four different models
+
+
 def test_labels_cover_exactly_the_answer(clara):
     batch = clara.processor.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
     for row, answer in enumerate(["Paris", "Marie Curie"]):

@@ -189,35 +189,37 @@ class ClaraTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._record_metrics(model, inputs, outputs, positive_mask, num_items_in_batch)
         for name, fraction in truncation.items():
-            self._metrics["train" if model.training else "eval"][name].append(float(fraction))
+            self._metrics["train" if model.training else "eval"][name].append(fraction.detach())
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
     def _record_metrics(self, model, inputs, outputs, positive_mask, num_items_in_batch) -> None:
+        # Values stay tensors on the device until `log`: reading one (.item()) each step would make the host wait
+        # for the forward pass before it can queue the backward.
         metrics = self._metrics["train" if model.training else "eval"]
         lm_loss = outputs.lm_loss.detach()
         if num_items_in_batch is not None:
             # Back to this micro-batch's own mean per labelled token.
             local_tokens = (inputs["labels"][..., 1:] != -100).sum().clamp(min=1)
             lm_loss = lm_loss * num_items_in_batch / local_tokens
-        metrics["lm_loss"].append(lm_loss.item())
+        metrics["lm_loss"].append(lm_loss)
         if outputs.mse_loss is not None:
             mse_loss = outputs.mse_loss.detach()
             if "num_documents_in_batch" in inputs:
                 mse_loss = mse_loss * inputs["num_documents_in_batch"] / inputs["document_mask"].sum().clamp(min=1)
-            metrics["mse_loss"].append(mse_loss.item())
+            metrics["mse_loss"].append(mse_loss)
         if outputs.selected_indices is not None and positive_mask is not None:
             has_positive = positive_mask.any(-1)
             if has_positive.any():
                 hits = positive_mask.gather(1, outputs.selected_indices).sum(-1).float()[has_positive]
                 k = outputs.selected_indices.shape[-1]
-                metrics[f"recall@{k}"].append((hits / positive_mask.sum(-1)[has_positive]).mean().item())
-                metrics[f"precision@{k}"].append((hits / k).mean().item())
+                metrics[f"recall@{k}"].append((hits / positive_mask.sum(-1)[has_positive]).mean())
+                metrics[f"precision@{k}"].append((hits / k).mean())
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "train" if self.model.training else "eval"
         # Ranks may hold different metric names (a batch without pos_index has no recall): merge sums and counts.
-        local = {name: (sum(values), len(values)) for name, values in self._metrics[mode].items()}
+        local = {name: (float(sum(values)), len(values)) for name, values in self._metrics[mode].items()}
         merged = defaultdict(lambda: [0.0, 0])
         for rank_metrics in gather_object([local]) if self.accelerator.num_processes > 1 else [local]:
             for name, (total, count) in rank_metrics.items():
