@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import Trainer
 
 from clara_cli.main import main, parse_train_args
 from modeling_clara import ClaraForRAG
@@ -42,6 +43,19 @@ def test_scp_trains_exactly_compressor_generator_and_added_token_embeddings(toke
     assert changed_parameters(model, before) == expected
     logged = trainer.state.log_history[0]
     assert {"loss", "lm_loss", "mse_loss", "truncated_documents", "truncated_answers"} <= logged.keys()
+
+
+def test_the_flops_estimate_is_the_trainers_with_the_parameters_counted_once(tokenizer, tmp_path, monkeypatch):
+    model = new_model(tokenizer)
+    trainer = SCPTrainer(model, stage_config(SCPConfig, tmp_path), train_dataset=dataset(scp_rows(), "scp"))
+    counts = []
+    count_parameters = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda **kwargs: counts.append(kwargs) or count_parameters(**kwargs))
+    trainer.train()
+    assert trainer.state.global_step > 1 and trainer.state.total_flos > 0
+    assert len(counts) == 1
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch)
 
 
 def test_instruct_reinitialises_the_generator_and_trains_compressor_and_generator(tokenizer, tmp_path):
