@@ -29,6 +29,7 @@ are untrained: timings do not depend on training, and generation is forced to `m
 import datetime
 import json
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -275,11 +276,12 @@ def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
     """The host's share of a training step, which bounds a small model's steps on a GPU: SmolLM2's 30 layers and
     210 adapted linear layers (the same modules, calls and kernels per step) at widths of 18, with 2 rows of 32
     document and 8 answer tokens, so that the arithmetic is negligible and what is timed is Python, dispatch and
-    the autograd engine. A GPU step cannot be shorter than this floor, whatever the batch."""
+    the autograd engine: on the same host, a GPU step of SmolLM2 cannot be shorter, whatever the batch. Also the
+    time of one adapter switch, and of a step through `SCPTrainer`'s loop."""
     if model_name != "smollm2":
         return  # the floor depends on the module structure: SmolLM2's is the one trained on GPUs so far
     model = build_model("smollm2-narrow", config, 32).train()
-    documents = cut_to_tokens(model, real_documents(5), 32)
+    documents = cut_to_tokens(model, real_documents(32), 32)  # 5 for the steps, all for the loop's epoch
     answers = [cut_to_tokens(model, [d], 8)[0] for d in documents]
 
     def switch():
@@ -292,8 +294,36 @@ def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
         switch()
     record("step_overhead", {"model": "smollm2-narrow", "what": "adapter switch (enter and leave model.adapter)",
                              "step_s": (time.perf_counter() - started) / 20})
-    for row in training_steps(model, build_base("smollm2-narrow", config)[0], documents, answers, rows=2, repeats=10):
+    for row in training_steps(model, build_base("smollm2-narrow", config)[0], documents[:5], answers[:5], rows=2, repeats=10):
         record("step_overhead", {"model": "smollm2-narrow", **row})
+    seconds = trainer_step_time(build_model("smollm2-narrow", config, 32), documents, answers)
+    record("step_overhead", {"model": "smollm2-narrow", "what": "stage 1 through SCPTrainer (the whole loop)", "rows": 2,
+                             "step_s": seconds})
+
+
+def trainer_step_time(model: ClaraForRAG, documents: list[str], answers: list[str], steps: int = 12) -> float:
+    """Median seconds between the ends of consecutive `SCPTrainer` steps (paraphrase rows, batch 2, no
+    accumulation), after 2 warm-up steps: the model's step and the loop's own work (data, clipping, scheduler)."""
+    from transformers import TrainerCallback
+
+    from trainers import SCPConfig, SCPTrainer
+
+    ends = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            _sync()
+            ends.append(time.perf_counter())
+
+    rows = [{"data_type": "paraphrase", "question": [], "answers": [a], "docs": [d]} for d, a in zip(documents, answers)]
+    with tempfile.TemporaryDirectory() as directory:
+        data = Path(directory) / "scp.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        args = SCPConfig(output_dir=directory, train_file=str(data), max_steps=steps, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=1, logging_steps=steps, save_strategy="no", report_to="none",
+                         disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+        SCPTrainer(model, args, callbacks=[StepEnds()]).train()
+    return statistics.median(end - start for start, end in zip(ends[2:], ends[3:]))
 
 
 def training_steps(
@@ -432,6 +462,7 @@ def main(argv=None) -> None:
 
         for section in config.sections:
             results["rows"][section] = []
+            results.setdefault("section_dates", {})[section] = results["date"]  # sections may be re-run apart
             for model_name in config.models:
                 globals()[section](model_name, config, record)
     Path(config.docs).write_text(render(results))
@@ -446,7 +477,10 @@ def render(results: dict) -> str:
         if not rows:
             continue
         keys = list(dict.fromkeys(key for row in rows for key in row))
-        lines += [f"## {section}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += [f"## {section}", ""]
+        if section in results.get("section_dates", {}):
+            lines += [f"Measured {results['section_dates'][section][:16].replace('T', ' ')} UTC.", ""]
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for row in rows:
             lines.append("| " + " | ".join(_cell(row.get(key, "")) for key in keys) + " |")
         lines.append("")
