@@ -85,9 +85,14 @@ def _train(argv: list[str]) -> int:
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         print(f"Saved the {stage} model to {config.output_dir}.")
-    # Destroys the process group: left to interpreter exit, its threads sometimes abort a process (SIGABRT, seen once
-    # in CI under ZeRO-3 after the model was saved).
-    trainer.accelerator.end_training()
+    # Under ZeRO-3 the engine holds gloo work handles whose threads, left to interpreter exit, sometimes abort a
+    # process after the model was saved (SIGABRT, seen twice in CI, once after end_training alone). So: every process
+    # done, the engine destroyed and collected, then the process group destroyed, while the interpreter is alive.
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    del trainer
+    accelerator.free_memory()
+    accelerator.end_training()
     return 0
 
 
