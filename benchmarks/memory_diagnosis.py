@@ -28,6 +28,8 @@ a model option):
   passage's mean token embedding, help or hinder once memories are centred?).
 
 With `--gap_every N` the held-out gap is also measured every N training steps (the curve goes into results.json).
+With `--prose_chunks N`, N chunks of other real prose (the Python standard library's docstrings, `clara prose`) join
+every training set: does prose from elsewhere help held-out SCP passages?
 
     python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores, 9-15 minutes per variant
     python benchmarks/memory_diagnosis.py --variants reference centred --train_chunks 256 2048   # --help: the rest
@@ -36,6 +38,7 @@ With `--gap_every N` the held-out gap is also measured every N training steps (t
 import copy
 import json
 import logging
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +58,7 @@ from reproduce import (
 )
 from transformers import HfArgumentParser, TrainerCallback
 
+from data_synthesis.prose import stdlib_docstring_passages
 from evaluation import METRIC_PATH
 from evaluation.harness import machine_description
 from modeling_clara import ClaraForRAG, load_base_model
@@ -100,6 +104,9 @@ class DiagnosisConfig:
     output_dir: str = field(default="outputs/memory_diagnosis", metadata={"help": "Training data and results.json."})
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Any of {VARIANTS}."})
     train_chunks: list[int] = field(default_factory=lambda: [256], metadata={"help": "Training chunk counts."})
+    prose_chunks: int = field(default=0, metadata={
+        "help": "Chunks of other real prose added to every training set: the Python standard library's docstrings "
+                "(data_synthesis.prose), a seeded sample. Held-out chunks stay SCP passages."})
     doc_tokens: int = field(default=32, metadata={"help": "Tokens per chunk (doc_max_length)."})
     rate: int = field(default=8, metadata={"help": "Compression rate."})
     held_out: int = field(default=150, metadata={"help": "Held-out passages of the split."})
@@ -128,6 +135,17 @@ def chunks(passages: list[str], tokenizer, tokens: int) -> list[str]:
         ids = tokenizer(passage, add_special_tokens=False)["input_ids"]
         result += [tokenizer.decode(ids[i : i + tokens]).strip() for i in range(0, len(ids) - tokens + 1, tokens)]
     return result
+
+
+def prose_chunks(config: DiagnosisConfig, tokenizer) -> list[str]:
+    """`config.prose_chunks` chunks of the standard library's docstring prose, sampled with the split's seed."""
+    if not config.prose_chunks:
+        return []
+    passages = [passage.text for passage in stdlib_docstring_passages()]
+    available = chunks(passages, tokenizer, config.doc_tokens)
+    if config.prose_chunks > len(available):
+        raise ValueError(f"--prose_chunks {config.prose_chunks}: the docstring prose gives {len(available)} chunks.")
+    return random.Random(config.seed).sample(available, config.prose_chunks)
 
 
 def apply_variant(model: ClaraForRAG, variant: str, sample: list[str], batch_size: int) -> dict:
@@ -181,13 +199,14 @@ def run(config: DiagnosisConfig) -> dict:
     held_out = held_out[: config.eval_chunks]
     if max(config.train_chunks) > len(train):
         raise ValueError(f"--train_chunks {max(config.train_chunks)}: the train passages give {len(train)} chunks.")
+    prose = prose_chunks(config, tokenizer)
     results = {"settings": asdict(config), "machine": machine_description(), "chunks_available": len(train),
                "eval_chunks": len(held_out), "runs": []}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for count in config.train_chunks:
         train_file = output / f"train_{count}.jsonl"
         train_file.write_text("".join(
-            json.dumps(reconstruction_record(chunk)) + "\n" for chunk in train[:count]
+            json.dumps(reconstruction_record(chunk)) + "\n" for chunk in train[:count] + prose
         ))
         for variant in config.variants:
             torch.manual_seed(42)
@@ -200,7 +219,7 @@ def run(config: DiagnosisConfig) -> dict:
             transform = apply_variant(model, variant, train[:64], config.eval_batch_size)
             run_result = {"variant": variant, "train_chunks": count, "transform": transform,
                           "untrained": chunk_memory_use(model, held_out, config)}
-            settings = training_settings(config, output / f"{variant}_{count}", 1.0)
+            settings = training_settings(config, output / f"{variant}_{count}", 1.0, config.learning_rate)
             started = time.perf_counter()
             trainer_class = {"frozen-generator": CompressorOnlySCPTrainer, "contrastive": ContrastiveSCPTrainer}.get(
                 variant, SCPTrainer

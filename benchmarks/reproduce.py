@@ -348,10 +348,10 @@ def retrieval_baselines(config: StudyConfig, data: dict) -> dict:
 # ---------------------------------------------------------------- training
 
 
-def training_settings(config: StudyConfig, directory: Path, epochs: float) -> dict:
+def training_settings(config: StudyConfig, directory: Path, epochs: float, learning_rate: float) -> dict:
     return dict(
         output_dir=str(directory), num_train_epochs=epochs, per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=1, learning_rate=config.learning_rate, warmup_steps=0.03, logging_steps=10,
+        gradient_accumulation_steps=1, learning_rate=learning_rate, warmup_steps=0.03, logging_steps=10,
         save_strategy="no", report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
         max_length=config.max_length, disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -491,7 +491,7 @@ class Study:
 
     def stage_1(self, model: ClaraForRAG, name: str, first_rate: bool):
         config, data, passages = self.config, self.data, self.data["held_out_passages"]
-        settings = training_settings(config, self.output / name / "scp", config.scp_epochs)
+        settings = training_settings(config, self.output / name / "scp", config.scp_epochs, config.learning_rate)
         self.results["training"][f"{name} stage 1"] = train_stage(SCPTrainer, SCPConfig, model, settings, data["scp"])
         self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data["eval"], "clara")
         self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, self.metric)
@@ -500,8 +500,9 @@ class Study:
 
     def stage_2(self, model: ClaraForRAG, name: str, first_rate: bool):
         config, data = self.config, self.data
-        settings = training_settings(config, self.output / name / "instruct", config.instruct_epochs)
-        settings["learning_rate"] = config.instruct_learning_rate
+        settings = training_settings(
+            config, self.output / name / "instruct", config.instruct_epochs, config.instruct_learning_rate
+        )
         self.results["training"][f"{name} stage 2"] = train_stage(
             InstructTrainer, InstructConfig, model, settings, data["instruct"], generator_init="keep"
         )
@@ -520,8 +521,7 @@ class Study:
         config, data = self.config, self.data
         # The generator reads the query reasoner's top-1 candidate, as in the evaluation.
         model.config.generation_top_k = 1
-        settings = training_settings(config, self.output / name / "joint", config.joint_epochs)
-        settings["learning_rate"] = config.joint_learning_rate
+        settings = training_settings(config, self.output / name / "joint", config.joint_epochs, config.joint_learning_rate)
         self.results["training"][f"{name} stage 3"] = train_stage(
             JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True
         )

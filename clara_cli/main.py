@@ -1,5 +1,5 @@
-"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`, `evaluate`, `compress`, `ask`,
-`push`, `convert-official`.
+"""`clara`: the command line. Commands: `demo`, `train scp|instruct|joint`, `synthesize`, `prose`, `evaluate`,
+`compress`, `ask`, `push`, `convert-official`.
 
 Each command's options are the fields of its config dataclasses (`clara COMMAND --help` lists every one, with its
 help and default); `train` also reads a YAML recipe of those fields with `--config`, and flags override it.
@@ -29,6 +29,16 @@ class SynthesizeArguments:
     shard: str = field(default="0/1", metadata={"help": "i/n: process only this machine's share of the passages."})
 
 
+@dataclass
+class ProseArguments:
+    """Output and filter of `clara prose`."""
+
+    output: str = field(metadata={"help": "Output JSONL of SCP reconstruction rows (overwritten)."})
+    min_words: int = field(default=40, metadata={"help": "Shortest paragraph kept, in words."})
+    limit: int | None = field(default=None, metadata={"help": "Write at most this many passages (the first ones)."})
+    stdlib: str | None = field(default=None, metadata={"help": "A standard library folder (default: this Python's)."})
+
+
 def _parse(argv: list[str], config_classes, prog: str, description: str, log_level: int = logging.INFO):
     """A command's config dataclasses from `argv` (unknown options and abbreviations raise), and logging set up."""
     from transformers import HfArgumentParser
@@ -49,6 +59,24 @@ def _demo(argv: list[str]) -> int:
         logging.WARNING,
     )
     run_demo(args)
+    return 0
+
+
+def _prose(argv: list[str]) -> int:
+    from data_synthesis.prose import reconstruction_row, stdlib_docstring_passages
+
+    (args,) = _parse(
+        argv, ProseArguments, "clara prose",
+        "Write the prose paragraphs of the Python standard library's docstrings (PSF License 2.0, shipped with "
+        "Python) as SCP reconstruction rows (data_type 'paraphrase', the target is the passage) for `clara train scp`.",
+    )
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be >= 1, got {args.limit}.")
+    passages = stdlib_docstring_passages(min_words=args.min_words, root=args.stdlib)[: args.limit]
+    with open(args.output, "w", encoding="utf-8") as output:
+        output.writelines(json.dumps(reconstruction_row(p), ensure_ascii=False) + "\n" for p in passages)
+    words = sum(len(p.text.split()) for p in passages)
+    print(f"Wrote {len(passages)} passages ({words} words) of the Python standard library's docstrings to {args.output}.")
     return 0
 
 
@@ -289,6 +317,7 @@ COMMANDS = {
     "demo": (_demo, "Compress a small real corpus into a memory bank; answer from it with CLaRa and text RAG, timed."),
     "train": (_train, "Train one stage: clara train scp|instruct|joint [--config RECIPE] [--field value ...]."),
     "synthesize": (_synthesize, "Synthesize SCP training data from a corpus with a local or served LLM."),
+    "prose": (_prose, "Write real prose shipped with Python (stdlib docstrings) as SCP reconstruction rows."),
     "evaluate": (_evaluate, "Evaluate a CLaRa model or a baseline: EM, F1, cover, Recall@k; JSON + markdown report."),
     "compress": (_compress, "Compress a corpus once into a memory bank (resumable, sharded; accelerate launch splits it)."),
     "ask": (_ask, "Answer a question from a memory bank: rank, read the top k memories, generate."),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_synthesis.prose import ProsePassage
 from modeling_clara import ClaraForRAG
 from testing_utils import DOCUMENTS, FICTIONAL_FACTS, write_jsonl
 
@@ -240,6 +241,21 @@ def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_di
         assert run["held_out"]["gap"] == pytest.approx(run["held_out"]["other_loss"] - run["held_out"]["own_loss"], abs=2e-4)
     with pytest.raises(ValueError, match="Unknown variants"):
         diagnosis.DiagnosisConfig(variants=["sharpened"])
+
+
+def test_the_diagnosis_adds_prose_chunks_to_every_training_set(diagnosis, tiny_base_dir, tmp_path, monkeypatch):
+    prose = [ProsePassage(" ".join(["the river runs under the old stone bridge"] * 3), "Lib/river.py", "PSF-2.0")]
+    monkeypatch.setattr(diagnosis, "stdlib_docstring_passages", lambda: prose)
+    arguments = [f"--data={scp_file(tmp_path / 'scp.jsonl')}", f"--base={tiny_base_dir}", "--doc_tokens=8",
+                 "--rate=4", "--held_out=4", "--steps=1", "--batch_size=2", "--eval_batch_size=2", "--max_length=512",
+                 "--reconstruction_tokens=2", "--variants=batch-centred", "--train_chunks=2"]
+    assert diagnosis.main([*arguments, f"--output_dir={tmp_path / 'run'}", "--prose_chunks=2"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_2.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(row["answers"] == row["docs"] for row in rows)
+    assert all("river" not in row["docs"][0] for row in rows[:2])
+    assert all(row["docs"][0] in prose[0].text for row in rows[2:])  # two 8-token stretches of the prose
+    with pytest.raises(ValueError, match="--prose_chunks 9: the docstring prose gives"):
+        diagnosis.main([*arguments, f"--output_dir={tmp_path / 'too_many'}", "--prose_chunks=9"])
 
 
 def test_the_centred_variant_gives_the_generator_centred_memories_at_the_embedding_scale(diagnosis, llama_clara):
