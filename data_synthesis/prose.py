@@ -37,7 +37,7 @@ def _paragraphs(docstring: str) -> list[str]:
     paragraphs = []
     for block in re.split(r"\n\s*\n", docstring):
         lines = [line for line in block.splitlines() if line.strip()]
-        if not lines or any(line.startswith((" ", "\t")) for line in lines) or lines[0].lstrip().startswith(">>>"):
+        if not lines or any(line.startswith((" ", "\t")) or line.startswith(">>>") for line in lines):
             continue
         paragraphs.append(" ".join(" ".join(lines).split()))
     return paragraphs

@@ -26,6 +26,9 @@ def stdlib(tmp_path):
     indented = code(that, is, not, prose, at, all, even, if, long)
 
 >>> example(that, looks, like, a, doctest, and, is, long, enough)
+
+The doctest below is not prose even though this line reads like a sentence of ordinary words.
+>>> pass_it()
 """
 
 
