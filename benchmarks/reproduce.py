@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from data_synthesis.prose import reconstruction_row, stdlib_docstring_passages
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
 from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, machine_description
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model
@@ -91,6 +92,12 @@ class StudyConfig:
     )
     max_length: int = field(default=768, metadata={"help": "Generator tokens per training row (longer targets are cut)."})
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
+    prose_passages: int = field(
+        default=0,
+        metadata={"help": "Stage 1 also rebuilds this many passages of the Python standard library's docstring prose "
+                  "(`clara prose`, a seeded sample; 0: none). On the CPU, mixed 1:1 into repeated SCP chunks it "
+                  "made held-out memories carry more (docs/diagnosis.md, Finding 10); not measured in the study."},
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
     reconstruction_tokens: int = field(default=160, metadata={"help": "Tokens per reconstructed passage."})
     eval_batch_size: int = field(default=64, metadata={"help": "Questions per generation batch."})
@@ -114,6 +121,8 @@ class StudyConfig:
     render_only: str | None = field(default=None, metadata={"help": "Only rewrite the docs from this results.json."})
 
     def __post_init__(self):
+        if self.prose_passages < 0:
+            raise ValueError(f"--prose_passages must be >= 0, got {self.prose_passages}.")
         if self.quick:
             self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
             self.questions_per_passage, self.scp_epochs, self.instruct_epochs, self.joint_epochs = 2, 1.0, 0.5, 0.25
@@ -173,6 +182,11 @@ def build_data(config: StudyConfig, directory: Path) -> dict:
     scp = [{"data_type": "qa", "question": r["question"], "answers": r["answers"], "docs": r["docs"]} for r in train]
     if config.reconstruction:
         scp += [reconstruction_record(r["docs"][0]) for r in train]
+    if config.prose_passages:
+        prose = stdlib_docstring_passages()
+        if config.prose_passages > len(prose):
+            raise ValueError(f"--prose_passages {config.prose_passages}: the docstring prose has {len(prose)}.")
+        scp += [reconstruction_row(p) for p in random.Random(config.seed + 4).sample(prose, config.prose_passages)]
     instruct = [{"question": q, "docs": train[i]["docs"], "answer": a} for i, q, a in question_answer_pairs(train)]
     evaluation = [
         {"question": q, "docs": held_out[i]["docs"], "golden_answers": [a], "pos_index": [0]}
@@ -557,7 +571,9 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         f"{counts.get('eval_questions')} held-out questions; documents of {settings['doc_max_length']} tokens.",
         "",
         f"Stage 1: {counts.get('scp_rows')} rows (each train passage's QA pairs"
-        f"{' and its reconstruction' if settings['reconstruction'] else ''}), {settings['scp_epochs']} epochs; stage 2: "
+        f"{' and its reconstruction' if settings['reconstruction'] else ''}"
+        f"{f', and {prose} docstring passages rebuilt' if (prose := settings.get('prose_passages')) else ''}), "
+        f"{settings['scp_epochs']} epochs; stage 2: "
         f"{counts.get('instruct_rows')} question/passage/answer rows, {settings['instruct_epochs']} epochs (generator "
         f"kept); stage 3: {counts.get('joint_rows')} train questions, each among its passage and "
         f"{settings['negatives']} BM25 hard negatives, no relevance labels, the generator reading the query "

@@ -243,6 +243,24 @@ def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_di
         diagnosis.DiagnosisConfig(variants=["sharpened"])
 
 
+def test_the_study_adds_docstring_prose_to_stage_1_when_asked(reproduce, tmp_path, monkeypatch):
+    prose = [ProsePassage(f"Passage {i} of docstring prose about the {word} module.", f"Lib/{word}.py", "PSF-2.0")
+             for i, word in enumerate(["shelve", "queue", "heapq"])]
+    monkeypatch.setattr(reproduce, "stdlib_docstring_passages", lambda: prose)
+    settings = dict(data=scp_file(tmp_path / "scp.jsonl"), held_out=3, train_passages=5, questions_per_passage=1)
+    data = reproduce.build_data(reproduce.StudyConfig(**settings, prose_passages=2), tmp_path / "with")
+    plain = reproduce.build_data(reproduce.StudyConfig(**settings), tmp_path / "without")
+    rows = [json.loads(line) for line in Path(data["scp"]).read_text().splitlines()]
+    assert rows[:-2] == [json.loads(line) for line in Path(plain["scp"]).read_text().splitlines()]
+    assert all(row["data_type"] == "paraphrase" and row["answers"] == row["docs"] for row in rows[-2:])
+    assert {row["docs"][0] for row in rows[-2:]} < {passage.text for passage in prose}
+    assert data["counts"]["scp_rows"] == plain["counts"]["scp_rows"] + 2
+    with pytest.raises(ValueError, match="--prose_passages 4: the docstring prose has 3"):
+        reproduce.build_data(reproduce.StudyConfig(**settings, prose_passages=4), tmp_path / "too_many")
+    with pytest.raises(ValueError, match="--prose_passages must be >= 0"):
+        reproduce.StudyConfig(prose_passages=-1)
+
+
 def test_the_diagnosis_adds_prose_chunks_to_every_training_set(diagnosis, tiny_base_dir, tmp_path, monkeypatch):
     prose = [ProsePassage(" ".join(["the river runs under the old stone bridge"] * 3), "Lib/river.py", "PSF-2.0")]
     monkeypatch.setattr(diagnosis, "stdlib_docstring_passages", lambda: prose)
