@@ -25,9 +25,10 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from transformers import HfArgumentParser
 from data_synthesis.prose import reconstruction_row, stdlib_docstring_passages
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
 from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, machine_description
-from modeling_clara import ClaraForRAG, cosine_scores, load_base_model
+from modeling_clara import ClaraForRAG, cosine_scores, load_base_model, load_base_tokenizer
 from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer
 from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPCollator
 
@@ -142,6 +143,36 @@ def split_rows(data: str, held_out: int, seed: int) -> tuple[list[dict], list[di
     return [rows[i] for i in order[held_out:]], [rows[i] for i in order[:held_out]]
 
 
+def compressed_text(passage: str, tokenizer, max_tokens: int) -> str:
+    """The part of `passage` the compressor reads: its first `max_tokens` tokens, as the processor tokenizes it."""
+    offsets = tokenizer(
+        passage, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+    )["offset_mapping"]
+    return passage if len(offsets) <= max_tokens else passage[: offsets[max_tokens - 1][1]].rstrip()
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def cut_to_compressed_text(rows: list[dict], tokenizer, max_tokens: int) -> tuple[list[dict], dict]:
+    """The SCP `rows` with each passage cut to the text the compressor reads, keeping the QA pairs the cut leaves
+    answerable: those whose answer words found in the whole passage are all in the cut one. Text RAG then reads
+    exactly what CLaRa compresses, and no question asks for what the memories never held (at 64 tokens that would
+    be most of them: docs/diagnosis.md, Finding 11). Returns the rows and how many passages were cut and pairs
+    dropped."""
+    result, counts = [], {"cut_passages": 0, "dropped_questions": 0}
+    for row in rows:
+        passage = row["docs"][0]
+        kept = compressed_text(passage, tokenizer, max_tokens)
+        lost = words(passage) - words(kept)
+        pairs = [(q, a) for q, a in zip(row["question"], row["answers"]) if not words(a) & lost]
+        counts["cut_passages"] += kept != passage
+        counts["dropped_questions"] += len(row["question"]) - len(pairs)
+        result.append({**row, "docs": [kept], "question": [q for q, _ in pairs], "answers": [a for _, a in pairs]})
+    return result, counts
+
+
 def question_answer_pairs(rows: list[dict], questions_per_passage: int | None = None) -> list[tuple[int, str, str]]:
     """`(row index, question, answer)` of the first `questions_per_passage` QA pairs of each SCP row (None: all)."""
     return [
@@ -171,7 +202,9 @@ def with_hard_negatives(
 def build_data(config: StudyConfig, directory: Path) -> dict:
     """The split and every file of the study; returns their paths and counts."""
     train, held_out = split_rows(config.data, config.held_out, config.seed)
-    train = train[: config.train_passages]
+    tokenizer = load_base_tokenizer(config.base)
+    train, train_counts = cut_to_compressed_text(train[: config.train_passages], tokenizer, config.doc_max_length)
+    held_out, held_out_counts = cut_to_compressed_text(held_out, tokenizer, config.doc_max_length)
     directory.mkdir(parents=True, exist_ok=True)
 
     def write(name, items):
@@ -179,14 +212,17 @@ def build_data(config: StudyConfig, directory: Path) -> dict:
         path.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
         return str(path)
 
-    scp = [{"data_type": "qa", "question": r["question"], "answers": r["answers"], "docs": r["docs"]} for r in train]
+    scp = [{"data_type": "qa", "question": r["question"], "answers": r["answers"], "docs": r["docs"]}
+           for r in train if r["question"]]
     if config.reconstruction:
         scp += [reconstruction_record(r["docs"][0]) for r in train]
     if config.prose_passages:
         prose = stdlib_docstring_passages()
         if config.prose_passages > len(prose):
             raise ValueError(f"--prose_passages {config.prose_passages}: the docstring prose has {len(prose)}.")
-        scp += [reconstruction_row(p) for p in random.Random(config.seed + 4).sample(prose, config.prose_passages)]
+        sample = random.Random(config.seed + 4).sample(prose, config.prose_passages)
+        scp += [reconstruction_row(replace(p, text=compressed_text(p.text, tokenizer, config.doc_max_length)))
+                for p in sample]
     instruct = [{"question": q, "docs": train[i]["docs"], "answer": a} for i, q, a in question_answer_pairs(train)]
     evaluation = [
         {"question": q, "docs": held_out[i]["docs"], "golden_answers": [a], "pos_index": [0]}
@@ -207,7 +243,8 @@ def build_data(config: StudyConfig, directory: Path) -> dict:
         "retrieval": write("eval_retrieval.jsonl", retrieval),
         "held_out_passages": [r["docs"][0] for r in held_out],
         "counts": {"train_passages": len(train), "held_out_passages": len(held_out), "scp_rows": len(scp),
-                   "instruct_rows": len(instruct), "joint_rows": len(joint), "eval_questions": len(evaluation)},
+                   "instruct_rows": len(instruct), "joint_rows": len(joint), "eval_questions": len(evaluation),
+                   **{key: train_counts[key] + held_out_counts[key] for key in train_counts}},
     }
 
 
@@ -559,6 +596,15 @@ def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str |
 # ---------------------------------------------------------------- report
 
 
+def passages_note(settings: dict, counts: dict) -> str:
+    """What every system read of the passages."""
+    length = settings["doc_max_length"]
+    if "cut_passages" not in counts:  # a run made before the study cut passages
+        return f"CLaRa read the first {length} tokens of longer passages, text RAG the whole passage."
+    return (f"Every system reads the passages cut to the {length} tokens the compressor reads ({counts['cut_passages']} "
+            f"were longer; {counts['dropped_questions']} QA pairs whose answer words the cut removed are left out).")
+
+
 def write_docs(results: dict, docs_dir: Path) -> Path:
     docs_dir.mkdir(parents=True, exist_ok=True)
     settings, counts = results["settings"], results.get("data", {})
@@ -568,7 +614,7 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         f"Run {results['date']} on {results['machine']['device']} ({results['machine']['platform']}, torch "
         f"{results['machine']['torch']}), {results['elapsed_s']} s, by `{results['command']}`. Base {settings['base']}; {counts.get('train_passages')} train / "
         f"{counts.get('held_out_passages')} held-out passages of the reference SCP sample (seed {settings['seed']}); "
-        f"{counts.get('eval_questions')} held-out questions; documents of {settings['doc_max_length']} tokens.",
+        f"{counts.get('eval_questions')} held-out questions. {passages_note(settings, counts)}",
         "",
         f"Stage 1: {counts.get('scp_rows')} rows (each train passage's QA pairs"
         f"{' and its reconstruction' if settings['reconstruction'] else ''}"

