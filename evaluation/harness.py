@@ -204,6 +204,13 @@ def _bank_positives(bank: MemoryBank, rows) -> list[list[int]]:
     ]
 
 
+def _documents_longer_than_compressed(model: ClaraForRAG, rows) -> int:
+    """How many of the rows' candidate documents are longer than the `doc_max_length` tokens the compressor reads."""
+    documents = [document for candidates in rows["documents"] for document in candidates]
+    token_ids = model.processor.tokenizer(documents, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return sum(len(ids) > model.config.doc_max_length for ids in token_ids)
+
+
 def _select(ranking: list[int], positives: list[int], k: int, setting: str) -> list[int]:
     if setting == "oracle":
         ranking = [*positives, *(i for i in ranking if i not in positives)]
@@ -233,6 +240,13 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
     if too_few and bank is None:
         raise ValueError(f"k={k} but {len(too_few)} row(s) have fewer candidates (first: row {too_few[0]}).")
     dense = DenseRanker() if config.baseline == "dense" else None
+    longer = _documents_longer_than_compressed(model, rows) if config.baseline == "text" else None
+    if longer:
+        logger.warning(
+            "%d candidate documents are longer than the %d tokens the compressor reads: text RAG reads them whole, "
+            "CLaRa their first %d tokens. Cut them to that length (as benchmarks/reproduce.py does) to compare the two "
+            "on the same text.", longer, model.config.doc_max_length, model.config.doc_max_length,
+        )
 
     merged_here = config.baseline == "clara" and config.merge_generator and "generator" not in model.merged_adapters
     if merged_here:
@@ -258,6 +272,7 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
         "model": config.model if generates else None,
         "data": str(config.data),
         "settings": {**asdict(config), "k": k},
+        "documents_longer_than_doc_max_length": longer,
         "machine": machine_description(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "predictions": predictions,

@@ -101,11 +101,17 @@ def test_clara_baseline_is_the_models_own_answer_pipeline(llama_clara, eval_file
     assert report["predictions"][0]["selected"] == indices[0].tolist()
 
 
-def test_oracle_setting_puts_the_gold_documents_first(llama_clara, eval_file):
+def test_oracle_setting_puts_the_gold_documents_first(llama_clara, eval_file, caplog):
     config = EvaluationConfig(model="tiny", data=eval_file, k=1, setting="oracle", baseline="text", max_new_tokens=2)
     report = evaluate_model(config, model=llama_clara, show_progress=False)
     assert [p["selected"] for p in report["predictions"][:3]] == [[0], [1], [2]]
     assert report["aggregate"]["recall@1"] == pytest.approx(100.0)
+    # The text baseline reads whole documents; the report and a warning say how many the compressor would cut.
+    documents = [d for row in eval_rows() for d in row["docs"]]
+    lengths = [len(llama_clara.processor.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in documents]
+    longer = sum(length > llama_clara.config.doc_max_length for length in lengths)
+    assert 0 < longer < len(documents) and report["documents_longer_than_doc_max_length"] == longer
+    assert f"{longer} candidate documents are longer than the 16 tokens" in caplog.text
 
 
 def test_bm25_ranks_the_document_sharing_the_question_words_first(tmp_path):
