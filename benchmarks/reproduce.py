@@ -145,10 +145,16 @@ def split_rows(data: str, held_out: int, seed: int) -> tuple[list[dict], list[di
 
 def compressed_text(passage: str, tokenizer, max_tokens: int) -> str:
     """The part of `passage` the compressor reads: its first `max_tokens` tokens, as the processor tokenizes it."""
-    offsets = tokenizer(
-        passage, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
-    )["offset_mapping"]
-    return passage if len(offsets) <= max_tokens else passage[: offsets[max_tokens - 1][1]].rstrip()
+    def encode(text: str) -> dict:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+
+    offsets = encode(passage)["offset_mapping"]
+    text, count = passage, max_tokens
+    # A cut inside a character that byte-level BPE spells with several tokens keeps the whole character, which may
+    # take more tokens than were cut: then cut a token earlier.
+    while count > 0 and len(encode(text)["input_ids"]) > max_tokens:
+        text, count = passage[: offsets[count - 1][1]].rstrip(), count - 1
+    return text
 
 
 def words(text: str) -> set[str]:

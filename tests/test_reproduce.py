@@ -268,6 +268,11 @@ def test_a_cut_drops_exactly_the_questions_whose_answer_words_it_removed(reprodu
     length = len(tokenizer(kept, add_special_tokens=False)["input_ids"])
     assert reproduce.compressed_text(passage, tokenizer, length) == kept
     assert reproduce.compressed_text(passage, tokenizer, 1000) == passage
+    # Characters that take several byte-level tokens: the cut keeps whole characters and never exceeds the length.
+    spelled = "Kushiro 雄別鉄道 and 🇱🇾 Libya"
+    for tokens in range(1, len(tokenizer(spelled, add_special_tokens=False)["input_ids"]) + 1):
+        cut = reproduce.compressed_text(spelled, tokenizer, tokens)
+        assert spelled.startswith(cut) and len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= tokens
     row = {"question": ["Capital?", "Colour?", "Capital and colour?", "What is Zorland?"],
            "answers": ["Quvi", "blue", "Quvi, blue", "a sovereign nation"], "docs": [passage]}
     (cut,), counts = reproduce.cut_to_compressed_text([row], tokenizer, length)
