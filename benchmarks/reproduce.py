@@ -13,7 +13,8 @@ query reasoner picks the passage among them. Results go to `results.json` as the
     python benchmarks/reproduce.py --quick        # 2 CPU cores, a few minutes: a small slice, one rate
     python benchmarks/reproduce.py                # the full study (one GPU; see ../shared/gpu/README.md)
 
-`--help` lists every setting. Stage 1 trains on each train passage's QA pairs and on its reconstruction (a
+Every passage is cut to the `--doc_max_length` tokens the compressor reads, for every system, and QA pairs whose
+answer words the cut removed are left out (counted in the report). `--help` lists every setting. Stage 1 trains on each train passage's QA pairs and on its reconstruction (a
 paraphrase row whose target is the passage itself); stage 2 on the question/passage/answer triples; stage 3 on the
 same questions, each among its passage and BM25 hard negatives from the other train passages, without relevance
 labels.
@@ -59,7 +60,11 @@ class StudyConfig:
         default=False, metadata={"help": "A small slice on CPU: 32 + 8 passages, rate 16, 64-token documents."}
     )
     rates: list[int] = field(default_factory=lambda: [16, 32], metadata={"help": "Compression rates to train."})
-    doc_max_length: int = field(default=256, metadata={"help": "Tokens per passage before compression."})
+    doc_max_length: int = field(
+        default=256,
+        metadata={"help": "Tokens per passage: every system reads passages cut to what the compressor reads, and QA "
+                  "pairs the cut makes unanswerable are left out (docs/diagnosis.md, Finding 11)."},
+    )
     held_out: int = field(default=150, metadata={"help": "Held-out passages."})
     train_passages: int | None = field(default=None, metadata={"help": "Train passages (default: all the rest)."})
     questions_per_passage: int = field(default=3, metadata={"help": "Held-out questions per held-out passage."})
