@@ -14,10 +14,10 @@ query reasoner picks the passage among them. Results go to `results.json` as the
     python benchmarks/reproduce.py                # the full study (one GPU; see ../shared/gpu/README.md)
 
 Every passage is cut to the `--doc_max_length` tokens the compressor reads, for every system, and QA pairs whose
-answer words the cut removed are left out (counted in the report). `--help` lists every setting. Stage 1 trains on each train passage's QA pairs and on its reconstruction (a
-paraphrase row whose target is the passage itself); stage 2 on the question/passage/answer triples; stage 3 on the
-same questions, each among its passage and BM25 hard negatives from the other train passages, without relevance
-labels.
+answer words the cut removed are left out (counted in the report). `--help` lists every setting. Stage 1 trains on
+each train passage's QA pairs and on its reconstruction (a paraphrase row whose target is the passage itself); stage
+2 on the question/passage/answer triples; stage 3 on the same questions, each among its passage and BM25 hard
+negatives from the other train passages, without relevance labels.
 """
 
 import copy
@@ -77,7 +77,7 @@ class StudyConfig:
     )
     batch_size: int = field(
         default=16,
-        metadata={"help": "Training rows per step (32 ran out of H200 memory, likely while JAX held 75% of it: "
+        metadata={"help": "Training rows per step (32 ran out of H200 memory, likely while JAX held three quarters of it: "
                   "docs/performance.md)."},
     )
     learning_rate: float = field(

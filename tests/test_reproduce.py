@@ -92,6 +92,16 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
             assert torch.equal(value, model.state_dict()[name.replace(".query_reasoner.", ".compressor.")])
 
 
+def test_help_lists_every_setting(reproduce, capsys):
+    import dataclasses
+
+    with pytest.raises(SystemExit) as exited:  # a "%" in a help text once made argparse fail here
+        reproduce.main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{setting.name}" in text for setting in dataclasses.fields(reproduce.StudyConfig))
+
+
 def test_each_question_meets_its_passage_among_bm25_hard_negatives_from_the_other_passages(reproduce):
     import random
 
