@@ -103,7 +103,7 @@ class StudyConfig:
         metadata={"help": "Stage 1 also rebuilds this many passages of the Python standard library's docstring prose "
                   "(`clara prose`, a seeded sample; 0: none). On the CPU, mixed 1:1 into repeated SCP chunks it "
                   "made held-out memories carry more (docs/diagnosis.md, Finding 10); in the CPU study's stage 1, 315 of them "
-                  "nearly doubled the held-out gap, with 63% more steps (Finding 11)."},
+                  "nearly doubled the held-out gap, with 1.6 times the steps (Finding 11)."},
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
     reconstruction_tokens: int = field(default=160, metadata={"help": "Tokens per reconstructed passage."})
