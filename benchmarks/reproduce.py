@@ -155,11 +155,14 @@ def compressed_text(passage: str, tokenizer, max_tokens: int) -> str:
         return tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
 
     offsets = encode(passage)["offset_mapping"]
-    text, count = passage, max_tokens
+    if len(offsets) <= max_tokens:
+        return passage
     # A cut inside a character that byte-level BPE spells with several tokens keeps the whole character, which may
     # take more tokens than were cut: then cut a token earlier.
-    while count > 0 and len(encode(text)["input_ids"]) > max_tokens:
-        text, count = passage[: offsets[count - 1][1]].rstrip(), count - 1
+    for count in range(max_tokens, 0, -1):
+        text = passage[: offsets[count - 1][1]].rstrip()
+        if len(encode(text)["input_ids"]) <= max_tokens:
+            break
     return text
 
 

@@ -46,10 +46,10 @@ def load_base_model(name_or_path: str, **model_kwargs):
             file (dequantized), else a local folder or a hub id, loaded with `AutoModelForCausalLM` / `AutoTokenizer`.
         model_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location, gguf = _base_location(name_or_path)
-    tokenizer = load_base_tokenizer(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(location, **gguf)
     model = AutoModelForCausalLM.from_pretrained(location, **gguf, **model_kwargs)
     if gguf:  # what a CLaRa built on it records as its base: the name or file, not the folder the file is in
         model.name_or_path = model.config.name_or_path = name_or_path
