@@ -50,7 +50,6 @@ from reproduce import (
     memory_statistics,
     memory_use,
     reconstruction,
-    reconstruction_record,
     reconstruction_rows,
     split_rows,
     train_stage,
@@ -58,7 +57,7 @@ from reproduce import (
 )
 from transformers import HfArgumentParser, TrainerCallback
 
-from data_synthesis.prose import stdlib_docstring_passages
+from data_synthesis.prose import reconstruction_record, stdlib_docstring_passages
 from evaluation import METRIC_PATH
 from evaluation.harness import machine_description
 from modeling_clara import ClaraForRAG, load_base_model

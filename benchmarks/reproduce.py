@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from data_synthesis.prose import reconstruction_row, stdlib_docstring_passages
+from data_synthesis.prose import reconstruction_record, reconstruction_row, stdlib_docstring_passages
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
 from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, machine_description
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model, load_base_tokenizer
@@ -329,11 +329,6 @@ def memory_use(model: ClaraForRAG, collator, rows: list[dict], batch_size: int) 
     count = len(rows)
     return {"own_loss": round(own / count, 4), "other_loss": round(other / count, 4),
             "gap": round((other - own) / count, 4)}
-
-
-def reconstruction_record(passage: str) -> dict:
-    """An SCP file row (the reference format) whose target is the passage itself."""
-    return {"data_type": "paraphrase", "question": [], "answers": [passage], "docs": [passage]}
 
 
 def reconstruction_rows(passages: list[str]) -> list[dict]:

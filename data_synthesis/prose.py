@@ -16,7 +16,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["STDLIB_LICENSE", "ProsePassage", "reconstruction_row", "stdlib_docstring_passages"]
+__all__ = ["STDLIB_LICENSE", "ProsePassage", "reconstruction_record", "reconstruction_row", "stdlib_docstring_passages"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,11 @@ def stdlib_docstring_passages(min_words: int = 40, root: str | Path | None = Non
     return passages
 
 
+def reconstruction_record(text: str) -> dict:
+    """The SCP row (the reference format) whose target is the passage itself."""
+    return {"data_type": "paraphrase", "question": [], "answers": [text], "docs": [text]}
+
+
 def reconstruction_row(passage: ProsePassage) -> dict:
-    """The SCP row (the reference format) whose target is the passage itself, with where it came from."""
-    return {"data_type": "paraphrase", "question": [], "answers": [passage.text], "docs": [passage.text],
-            "source": passage.source, "license": passage.license}
+    """`reconstruction_record` of a docstring passage, with where it came from."""
+    return {**reconstruction_record(passage.text), "source": passage.source, "license": passage.license}
