@@ -692,6 +692,8 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
 
 
 def write_plots(results: dict, docs_dir: Path) -> list[str]:
+    """`reproduction_cover.png` (cover by stage, a line per rate) and, for several rates, `reproduction_rates.png`
+    (cover and Recall@1 against the compression rate, with the baselines)."""
     try:
         import matplotlib
 
@@ -700,21 +702,50 @@ def write_plots(results: dict, docs_dir: Path) -> list[str]:
     except ImportError:
         logger.warning("matplotlib is not installed: no plots.")
         return []
+    answers, retrieval, rates = results["answers"], results["retrieval"], sorted(results["settings"]["rates"])
+
+    def reference_lines(axis, values: dict[str, float]):
+        for (name, value), style in zip(values.items(), ("--", ":", "-.")):
+            axis.axhline(value, linestyle=style, color="grey", label=name)
+
+    references = {name: answers[name]["cover"] for name in ("text RAG", "closed-book") if name in answers}
     stages = ["untrained", "stage 1", "stage 2", "stage 3"]
     figure, axis = plt.subplots(figsize=(6, 4))
-    for rate in results["settings"]["rates"]:
-        values = [results["answers"].get(f"cr{rate} {stage}", {}).get("cover", math.nan) for stage in stages]
+    for rate in rates:
+        values = [answers.get(f"cr{rate} {stage}", {}).get("cover", math.nan) for stage in stages]
         axis.plot(stages, values, marker="o", label=f"CLaRa, compression {rate}")
-    for name, style in (("text RAG", "--"), ("closed-book", ":")):
-        if name in results["answers"]:
-            axis.axhline(results["answers"][name]["cover"], linestyle=style, color="grey", label=name)
+    reference_lines(axis, references)
     axis.set_ylabel("cover (%)")
     axis.set_title("Held-out answers from the source passage (k=1)")
     axis.legend()
     figure.tight_layout()
     figure.savefig(docs_dir / "reproduction_cover.png", dpi=120)
     plt.close(figure)
-    return ["reproduction_cover.png"]
+    if len(rates) < 2:
+        return ["reproduction_cover.png"]
+
+    figure, (quality, ranking) = plt.subplots(1, 2, figsize=(11, 4))
+    for stage in ("stage 1", "stage 2", "stage 3"):
+        values = [answers.get(f"cr{rate} {stage}", {}).get("cover", math.nan) for rate in rates]
+        quality.plot(rates, values, marker="o", label=f"CLaRa after {stage}")
+    reference_lines(quality, references)
+    quality.set_ylabel("cover (%)")
+    quality.set_title("Held-out answers from the source passage (k=1)")
+    for name in ("stage-2 compressor as query reasoner", "stage-3 query reasoner"):
+        values = [retrieval.get(f"cr{rate} {name}", {}).get("recall@1", math.nan) for rate in rates]
+        ranking.plot(rates, values, marker="o", label=name)
+    reference_lines(ranking, {name: value["recall@1"] for name, value in retrieval.get("baselines", {}).items()})
+    ranking.set_ylabel("Recall@1 (%)")
+    ranking.set_title(f"Source passage among {results['settings']['negatives']} hard negatives")
+    for axis in (quality, ranking):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(rates, [str(rate) for rate in rates])
+        axis.set_xlabel("compression rate")
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(docs_dir / "reproduction_rates.png", dpi=120)
+    plt.close(figure)
+    return ["reproduction_cover.png", "reproduction_rates.png"]
 
 
 def main(argv=None) -> int:

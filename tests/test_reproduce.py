@@ -336,3 +336,16 @@ def test_the_centred_variant_gives_the_generator_centred_memories_at_the_embeddi
     torch.testing.assert_close(placed.pow(2).mean().sqrt(), embedding_rms, rtol=1e-4, atol=0)
     assert placed.mean(0).abs().max() < 1e-3 * embedding_rms
 
+
+
+def test_the_report_plots_quality_and_recall_against_the_compression_rate(reproduce, tmp_path):
+    pytest.importorskip("matplotlib")
+    results = json.loads((ROOT / "docs" / "results" / "cpu_medium_cut.json").read_text())
+    assert reproduce.write_plots(results, tmp_path) == ["reproduction_cover.png"]  # one rate: nothing to plot against
+    results["settings"]["rates"] = [16, 32]
+    for part in ("answers", "retrieval"):
+        results[part].update({key.replace("cr16", "cr32"): value for key, value in results[part].items() if "cr16" in key})
+    report = reproduce.write_docs(results, tmp_path / "docs").read_text()
+    for name in ("reproduction_cover.png", "reproduction_rates.png"):
+        assert f"![{name}]({name})" in report
+        assert (tmp_path / "docs" / name).read_bytes().startswith(b"\x89PNG")
