@@ -337,7 +337,6 @@ def test_the_centred_variant_gives_the_generator_centred_memories_at_the_embeddi
     assert placed.mean(0).abs().max() < 1e-3 * embedding_rms
 
 
-
 def test_the_report_plots_quality_and_recall_against_the_compression_rate(reproduce, tmp_path):
     pytest.importorskip("matplotlib")
     results = json.loads((ROOT / "docs" / "results" / "cpu_medium_cut.json").read_text())
