@@ -338,7 +338,6 @@ def test_the_centred_variant_gives_the_generator_centred_memories_at_the_embeddi
 
 
 def test_the_report_plots_quality_and_recall_against_the_compression_rate(reproduce, tmp_path):
-    pytest.importorskip("matplotlib")
     results = json.loads((ROOT / "docs" / "results" / "cpu_medium_cut.json").read_text())
     results["settings"]["rates"] = [16, 32]  # 32 not measured: one rate, nothing to plot against
     assert reproduce.write_plots(results, tmp_path) == ["reproduction_cover.png"]
