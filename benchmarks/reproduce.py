@@ -76,9 +76,9 @@ class StudyConfig:
         default=1e-4, metadata={"help": "Stage-3 learning rate (query reasoner and generator)."}
     )
     batch_size: int = field(
-        default=16,
-        metadata={"help": "Training rows per step (32 ran out of H200 memory, likely while JAX held three quarters of it: "
-                  "docs/performance.md)."},
+        default=32,
+        metadata={"help": "Training rows per step (on a GPU a small model's step is bound by the host's work per step, "
+                  "not by the rows: docs/diagnosis.md, Finding 13)."},
     )
     learning_rate: float = field(
         default=2e-3,
@@ -107,7 +107,7 @@ class StudyConfig:
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
     reconstruction_tokens: int = field(default=160, metadata={"help": "Tokens per reconstructed passage."})
-    eval_batch_size: int = field(default=64, metadata={"help": "Questions per generation batch."})
+    eval_batch_size: int = field(default=128, metadata={"help": "Questions per generation batch."})
     time_budget_s: float = field(default=390.0, metadata={"help": "Phases that would start after this are skipped."})
     seed: int = field(default=0, metadata={"help": "Split seed."})
     export_dir: str | None = field(
