@@ -31,13 +31,13 @@ class DemoArguments:
 
     model: str = field(
         default="default",
-        metadata={"help": "A ClaraForRAG folder, or 'default': the embedded default (SmolLM2-135M-Instruct)."},
+        metadata={"help": "A ClaraForRAG folder, or 'default': the trained default on SmolLM2-135M-Instruct."},
     )
     questions: list[str] = field(default_factory=lambda: list(DEMO_QUESTIONS), metadata={"help": "Questions to ask."})
     k: int = field(default=2, metadata={"help": "Passages each answer reads (the top k of the ranking)."})
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per answer at most."})
     bank: str | None = field(default=None, metadata={"help": "Keep the memory bank in this folder (default: a temporary one)."})
-    seed: int = field(default=42, metadata={"help": "Seed of the untrained default's adapters (when no trained one exists)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the untrained default's adapters (when no trained one is shipped)."})
 
     def __post_init__(self):
         if self.k < 1:
@@ -97,11 +97,11 @@ def run_demo(args: DemoArguments) -> dict:
     started = time.perf_counter()
     model = load_model(args.model, args.seed)
     trained = model.config.training_stage is not None
-    print(f"Loaded {'the embedded default' if args.model == 'default' else args.model} in "
+    print(f"Loaded {'the default' if args.model == 'default' else args.model} in "
           f"{time.perf_counter() - started:.1f}s: {model.config.text_config.model_type}, "
           f"{model.config.num_memory_tokens} memory vectors per passage of up to {model.config.doc_max_length} tokens.")
     if not trained:
-        print("NOTE: this model's adapters are UNTRAINED (no trained default exists yet): its ranking and its answers "
+        print("NOTE: this model's adapters are UNTRAINED: its ranking and its answers "
               "from memories are meaningless. The text-RAG column shows what the base model does with the text.")
     print(f"Corpus: {len(corpus)} passages of the Python Language Reference (pydoc_data.topics, shipped with Python).")
 
