@@ -29,7 +29,7 @@ grep -E "INFO reproduce|train_runtime|Time budget|Error" "$out/log" | cut -c1-30
 left=$((seconds - SECONDS - 8))
 if [ $left -gt 20 ]; then
   echo "performance: ${left}s left"
-  timeout $left python3 benchmarks/performance.py --sections training latency compression step_overhead \
+  timeout $left python3 benchmarks/performance.py --sections training latency compression step_overhead retrieval \
     --output "$out/performance.json" --docs "$out/performance_tables.md" 2>&1 | grep -v Warning | cut -c1-300
 fi
 echo "done after ${SECONDS}s"
