@@ -91,6 +91,10 @@ def test_joint_starts_the_query_reasoner_from_the_compressor_and_freezes_the_com
     assert changed_parameters(model, before) == component_parameters(model, "query_reasoner", "generator")
     logged = trainer.state.log_history[0]
     assert {"recall@2", "precision@2", "lm_loss"} <= logged.keys() and "mse_loss" not in logged
+    # evaluate() returns the recorded metrics too (metric_for_best_model may name them), and logs them once.
+    metrics = trainer.evaluate(dataset(joint_rows(), "joint"))
+    assert {"eval_loss", "eval_lm_loss", "eval_recall@2", "eval_precision@2"} <= metrics.keys()
+    assert trainer.state.log_history[-1] == {**metrics, "epoch": trainer.state.epoch, "step": trainer.state.global_step}
 
 
 def test_gradient_accumulation_matches_one_large_batch(tokenizer, tmp_path):

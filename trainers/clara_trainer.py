@@ -224,18 +224,28 @@ class ClaraTrainer(Trainer):
                 metrics[f"recall@{k}"].append((hits / positive_mask.sum(-1)[has_positive]).mean())
                 metrics[f"precision@{k}"].append((hits / k).mean())
 
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        mode = "train" if self.model.training else "eval"
+    def _recorded_metrics(self, mode: str, prefix: str) -> dict[str, float]:
+        """The means of what `_record_metrics` recorded in `mode` since the last call, over every process."""
         # Ranks may hold different metric names (a batch without pos_index has no recall): merge sums and counts.
         local = {name: (float(sum(values)), len(values)) for name, values in self._metrics[mode].items()}
+        self._metrics[mode].clear()
         merged = defaultdict(lambda: [0.0, 0])
         for rank_metrics in gather_object([local]) if self.accelerator.num_processes > 1 else [local]:
             for name, (total, count) in rank_metrics.items():
                 merged[name][0] += total
                 merged[name][1] += count
-        prefix = "eval_" if mode == "eval" else ""
-        logs = {**logs, **{f"{prefix}{name}": round(total / count, 6) for name, (total, count) in sorted(merged.items())}}
-        self._metrics[mode].clear()
+        return {f"{prefix}{name}": round(total / count, 6) for name, (total, count) in sorted(merged.items())}
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        """`Trainer.evaluation_loop`, its metrics joined by the recorded ones (`eval_lm_loss`, `eval_recall@k`, ...),
+        so that `evaluate()` returns them and `metric_for_best_model` may name them."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(self._recorded_metrics("eval", f"{metric_key_prefix}_"))
+        return output
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # Training's recorded metrics join the Trainer's logs; evaluation's are in its output already.
+        logs = {**logs, **self._recorded_metrics("train", "")} if self.model.training else logs
         super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------------- saving
