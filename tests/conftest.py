@@ -1,7 +1,9 @@
 """Fixtures: the tiny models and tokenizer are built once per session; each test gets a copy."""
 
 import copy
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +46,12 @@ def tiny_base_dir(tokenizer, tmp_path_factory):
     build_base("llama", len(tokenizer)).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def reproduce():
+    """`benchmarks/reproduce.py` (the study) as a module: benchmarks are scripts, not a package."""
+    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,14 +17,6 @@ from testing_utils import DOCUMENTS, FICTIONAL_FACTS, write_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def scp_file(path):
     rows = []
     for country, capital, colour in FICTIONAL_FACTS:

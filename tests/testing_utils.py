@@ -2,12 +2,20 @@
 settings and parameter snapshots. Imported by the test modules and by `conftest.py` (which only holds fixtures)."""
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from modeling_clara import ClaraForRAG
+
+# The 1,000 real SCP rows of the reference release, where the checkout has `../shared` beside it (CI does).
+REFERENCE_SCP_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "scp_pretrain_sample.jsonl"
+requires_reference_sample = pytest.mark.skipif(
+    not REFERENCE_SCP_SAMPLE.is_file(), reason=f"the reference SCP sample is not at {REFERENCE_SCP_SAMPLE}"
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
