@@ -222,7 +222,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         # transformers' gradient_checkpointing_enable() flips the flag on the modules that have one.
         self._checkpointing_modules = [m for m in self.language_model.modules() if hasattr(m, "gradient_checkpointing")]
         self._processor = None
-        self._merged_signatures = {}  # component -> its weights' signature when merge_adapter() merged it
+        # component -> (the tensors its merged weights are made of, their signature when merge_adapter() merged it)
+        self._merged_sources = {}
         self.generation_config = GenerationConfig(max_new_tokens=64, do_sample=False)
         self.trainable_components = COMPONENTS
         self._apply_trainable_components()
@@ -627,41 +628,46 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 precision = torch.promote_types(weight.dtype, torch.float32)  # bf16 weights merge in float32
                 merged = (weight.to(precision) + layer.get_delta_weight(adapter).to(precision)).to(weight.dtype)
                 layer.register_buffer(f"clara_merged_{component}", merged, persistent=False)
-        self._merged_signatures[component] = self._adapter_signature(component)
+        sources = self._adapter_tensors(component)
+        self._merged_sources[component] = (sources, _signature(sources))
 
     def unmerge_adapter(self, component: str | None = None) -> None:
         """Leaves the inference mode of `merge_adapter()` for one adapter (None: all) and frees its merged weights."""
-        for name in list(self._merged_signatures) if component is None else [component]:
+        for name in list(self._merged_sources) if component is None else [component]:
             for layer in self._lora_layers:
                 if hasattr(layer, f"clara_merged_{name}"):
                     delattr(layer, f"clara_merged_{name}")
-            self._merged_signatures.pop(name, None)
+            self._merged_sources.pop(name, None)
 
     @property
     def merged_adapters(self) -> tuple[str, ...]:
         """The components whose adapter is merged for inference (see `merge_adapter`)."""
-        return tuple(self._merged_signatures)
+        return tuple(self._merged_sources)
 
-    def _adapter_signature(self, component: str) -> list[tuple]:
-        """Identifies an adapter's weights: in-place changes bump a tensor's version, moves change its storage."""
+    def _adapter_tensors(self, component: str) -> list[torch.Tensor]:
+        """Per adapted layer, in order: its base weight, and `component`'s LoRA A and B weights."""
         adapter = self.adapter_names[component]
-        tensors = []
-        for layer in self._lora_layers:
-            tensors += [layer.get_base_layer().weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
-        return [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
+        return [
+            tensor
+            for layer in self._lora_layers
+            for tensor in (layer.get_base_layer().weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+        ]
 
     @contextmanager
     def _running(self, component: str):
         """`component`'s adapter for a forward pass: while merged and without gradients, its merged weights with
         the adapters off; otherwise the adapter itself (`self.adapter`)."""
-        if component not in self._merged_signatures or torch.is_grad_enabled():
+        if component not in self._merged_sources or torch.is_grad_enabled():
             with self.adapter(component):
                 yield
             return
-        if self._adapter_signature(component) != self._merged_signatures[component]:
+        # Per pass (per batch of compress_documents): the tensors found at merge time are read, not peft's layers.
+        sources, signature = self._merged_sources[component]
+        if _signature(sources) != signature:
             logger.info("The %s adapter or the base changed since merge_adapter(): merging again.", component)
             self.merge_adapter(component)
-        weights = [layer.get_base_layer().weight for layer in self._lora_layers]
+            sources, _ = self._merged_sources[component]
+        weights = sources[::3]
         originals = [weight.data for weight in weights]
         with self.adapter(None):
             try:
@@ -1158,6 +1164,11 @@ def _sum_over_processes(tensor: torch.Tensor, differentiable: bool = False) -> t
     tensor = tensor.clone()
     torch.distributed.all_reduce(tensor)
     return tensor
+
+
+def _signature(tensors: list[torch.Tensor]) -> list[tuple]:
+    """Identifies tensors' contents: in-place changes bump a tensor's version, moves change its storage."""
+    return [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
