@@ -224,6 +224,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         self._processor = None
         # component -> (the tensors its merged weights are made of, their signature when merge_adapter() merged it)
         self._merged_sources = {}
+        self._running_component = None  # the component of the enclosing `_running` block
         self.generation_config = GenerationConfig(max_new_tokens=64, do_sample=False)
         self.trainable_components = COMPONENTS
         self._apply_trainable_components()
@@ -656,7 +657,20 @@ class ClaraForRAG(ClaraPreTrainedModel):
     @contextmanager
     def _running(self, component: str):
         """`component`'s adapter for a forward pass: while merged and without gradients, its merged weights with
-        the adapters off; otherwise the adapter itself (`self.adapter`)."""
+        the adapters off; otherwise the adapter itself (`self.adapter`). Inside a block of the same component (e.g.
+        `compress_documents`' loop over batches) it is already set: nothing to do."""
+        if self._running_component == component:
+            yield
+            return
+        previous, self._running_component = self._running_component, component
+        try:
+            with self._set_running(component):
+                yield
+        finally:
+            self._running_component = previous
+
+    @contextmanager
+    def _set_running(self, component: str):
         if component not in self._merged_sources or torch.is_grad_enabled():
             with self.adapter(component):
                 yield
@@ -894,10 +908,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
             starts = tqdm(starts, desc=f"Encoding {kind}s", unit="batch")
         chunks = []
-        for start in starts:
-            batch = self.processor.tokenize_for_compression([texts[i] for i in order[start : start + batch_size]], kind)
-            batch = {key: value.to(self.device) for key, value in batch.items()}
-            chunks.append(self.memory_states(batch["input_ids"], batch["attention_mask"], component)[0])
+        with self._running(component):  # once, not per batch: a merged adapter's swap is a walk over every layer
+            for start in starts:
+                batch = self.processor.tokenize_for_compression([texts[i] for i in order[start : start + batch_size]], kind)
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                chunks.append(self.memory_states(batch["input_ids"], batch["attention_mask"], component)[0])
         memories = torch.cat(chunks)
         return memories[torch.tensor(order, device=memories.device).argsort()]
 
