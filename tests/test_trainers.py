@@ -79,8 +79,10 @@ def test_instruct_reinitialises_the_generator_and_trains_compressor_and_generato
 def test_joint_starts_the_query_reasoner_from_the_compressor_and_freezes_the_compressor(tokenizer, tmp_path):
     model = randomize_adapters(new_model(tokenizer, generation_top_k=1))
     model.config.training_stage = "instruct"
+    # Evaluated after every step, the best model chosen by a metric the trainer records itself.
+    config = stage_config(JointConfig, tmp_path, eval_strategy="steps", eval_steps=1, metric_for_best_model="recall@2")
     trainer = JointTrainer(
-        model, stage_config(JointConfig, tmp_path), train_dataset=dataset(joint_rows(), "joint"),
+        model, config, train_dataset=dataset(joint_rows(), "joint"), eval_dataset=dataset(joint_rows(), "joint"),
         model_args=ClaraModelConfig(generation_top_k=2),
     )
     parameters = dict(model.named_parameters())
@@ -91,8 +93,9 @@ def test_joint_starts_the_query_reasoner_from_the_compressor_and_freezes_the_com
     assert changed_parameters(model, before) == component_parameters(model, "query_reasoner", "generator")
     logged = trainer.state.log_history[0]
     assert {"recall@2", "precision@2", "lm_loss"} <= logged.keys() and "mse_loss" not in logged
-    # evaluate() returns the recorded metrics too (metric_for_best_model may name them), and logs them once.
-    metrics = trainer.evaluate(dataset(joint_rows(), "joint"))
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evaluations) == 3 and trainer.state.best_metric == max(e["eval_recall@2"] for e in evaluations)
+    metrics = trainer.evaluate()  # returns the recorded metrics too, and logs them once
     assert {"eval_loss", "eval_lm_loss", "eval_recall@2", "eval_precision@2"} <= metrics.keys()
     assert trainer.state.log_history[-1] == {**metrics, "epoch": trainer.state.epoch, "step": trainer.state.global_step}
 
