@@ -310,23 +310,47 @@ def memory_use(model: ClaraForRAG, collator, rows: list[dict], batch_size: int) 
     `collator`'s rows (their document under `document` or `documents`; the first one is read); each distinct
     document is compressed once."""
     documents = [row["document"] if "document" in row else row["documents"][0] for row in rows]
-    partners = other_document_rows(documents)
     position = {document: i for i, document in enumerate(dict.fromkeys(documents))}
     memories = model.compress_documents(list(position), batch_size=batch_size)
-    memory_row = [position[document] for document in documents]
-    own = other = 0.0
-    for start in range(0, len(rows), batch_size):
-        batch = collator(rows[start : start + batch_size])
+
+    def summed_loss(start: int, stop: int, sources: list[int]) -> float:
+        batch = collator(rows[start:stop])
         prompt = {key: batch[key].to(model.device) for key in ("input_ids", "attention_mask", "labels")}
+        read = memories[[position[documents[i]] for i in sources]][:, None]
+        return model(**prompt, document_memories=read).lm_loss.item() * len(sources)
 
-        def summed_loss(sources: list[int]) -> float:
-            read = memories[[memory_row[i] for i in sources]][:, None]
-            return model(**prompt, document_memories=read).lm_loss.item() * len(sources)
+    return own_and_other_document_loss(documents, batch_size, summed_loss)
 
-        stop = min(start + batch_size, len(rows))
-        own += summed_loss(list(range(start, stop)))
-        other += summed_loss(partners[start:stop])
-    count = len(rows)
+
+@torch.no_grad()
+def text_use(model: ClaraForRAG, rows: list[dict], batch_size: int, max_length: int) -> dict:
+    """`memory_use` for text RAG: the bare base reads the text of the row's own document, or of the same other
+    row's, in the generator's prompt (`{"question", "documents", "answer"}` rows). Its gap is what the text tells
+    the base, the unit in which the memories' gap is read (docs/diagnosis.md, Finding 15)."""
+    documents = [row["documents"][0] for row in rows]
+
+    def summed_loss(start: int, stop: int, sources: list[int]) -> float:
+        batch = model.processor.tokenize_for_generation(
+            [row["question"] for row in rows[start:stop]], documents=[[documents[i]] for i in sources],
+            answers=[row["answer"] for row in rows[start:stop]], max_length=max_length,
+        )
+        with model.adapter(None):
+            output = model.language_model(**{key: batch[key].to(model.device) for key in ("input_ids", "attention_mask", "labels")})
+        return output.loss.item() * len(sources)
+
+    return own_and_other_document_loss(documents, batch_size, summed_loss)
+
+
+def own_and_other_document_loss(documents: list[str], batch_size: int, summed_loss) -> dict:
+    """The loop of `memory_use` and `text_use`: `summed_loss(start, stop, sources)` is the mean loss of rows
+    `start:stop` reading the documents of rows `sources`, times their number."""
+    partners = other_document_rows(documents)
+    own = other = 0.0
+    for start in range(0, len(documents), batch_size):
+        stop = min(start + batch_size, len(documents))
+        own += summed_loss(start, stop, list(range(start, stop)))
+        other += summed_loss(start, stop, partners[start:stop])
+    count = len(documents)
     return {"own_loss": round(own / count, 4), "other_loss": round(other / count, 4),
             "gap": round((other - own) / count, 4)}
 
@@ -336,14 +360,17 @@ def reconstruction_rows(passages: list[str]) -> list[dict]:
     return [{"data_type": "paraphrase", "questions": [], "answers": [p], "document": p} for p in passages]
 
 
+def held_out_answer_rows(data: dict) -> list[dict]:
+    """Each held-out question with its passage and first gold answer."""
+    questions = [json.loads(line) for line in Path(data["eval"]).read_text().splitlines()]
+    return [{"question": r["question"], "documents": r["docs"][:1], "answer": r["golden_answers"][0]} for r in questions]
+
+
 def held_out_memory_use(model: ClaraForRAG, config: StudyConfig, data: dict) -> dict:
     """`memory_use` on the held-out questions' first gold answers, each from its passage (stage 2's prompt), and on
     the held-out passages' reconstruction (stage 1's prompt)."""
-    questions = [json.loads(line) for line in Path(data["eval"]).read_text().splitlines()]
-    answer_rows = [{"question": r["question"], "documents": r["docs"][:1], "answer": r["golden_answers"][0]}
-                   for r in questions]
     return {
-        "answers": memory_use(model, InstructCollator(model.processor, config.max_length), answer_rows,
+        "answers": memory_use(model, InstructCollator(model.processor, config.max_length), held_out_answer_rows(data),
                               config.eval_batch_size),
         "reconstruction": memory_use(model, SCPCollator(model.processor, config.max_length),
                                      reconstruction_rows(data["held_out_passages"]), config.eval_batch_size),
@@ -544,6 +571,9 @@ class Study:
         if first_rate:
             self.results["answers"]["closed-book"] = answer_quality(model, config, data["eval"], "closed-book")
             self.results["answers"]["text RAG"] = answer_quality(model, config, data["eval"], "text")
+            self.results["memory_use"]["text RAG (the bare base reads the text)"] = {"answers": text_use(
+                model, held_out_answer_rows(data), config.eval_batch_size, config.max_length
+            )}
         self.results["answers"][f"{name} untrained"] = answer_quality(model, config, data["eval"], "clara")
         self.results["memories"][f"{name} untrained"] = memory_statistics(
             model, data["held_out_passages"], config.eval_batch_size
@@ -662,13 +692,15 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         lines.append(f"| {name} | {stats['memory_rms']} | {stats['embedding_rms']} | {stats['mean_pairwise_cosine']} |")
     lines += ["", "## What the memories tell the generator about held-out passages", "",
               "Teacher-forced loss (nats per token) of each held-out target from its own passage's memories and from "
-              "another held-out passage's; the gap is what the memories carry about their passage (0: nothing).", "",
+              "another held-out passage's; the gap is what the memories carry about their passage (0: nothing). "
+              "The text RAG row is the same for the bare base reading the passages' text: what the text tells, the "
+              "scale for the memories' gap.", "",
               "| model | answers: own | another's | gap | reconstruction: own | another's | gap |",
               "|---|---|---|---|---|---|---|"]
     for name, use in results.get("memory_use", {}).items():
-        answers, rebuilt = use["answers"], use["reconstruction"]
+        answers, rebuilt = use["answers"], use.get("reconstruction", {})  # text RAG: answers only
         lines.append(f"| {name} | {answers['own_loss']} | {answers['other_loss']} | {answers['gap']} | "
-                     f"{rebuilt['own_loss']} | {rebuilt['other_loss']} | {rebuilt['gap']} |")
+                     f"{rebuilt.get('own_loss', '')} | {rebuilt.get('other_loss', '')} | {rebuilt.get('gap', '')} |")
     lines += ["", f"## Retrieval: each held-out question against its passage and {settings['negatives']} BM25 hard "
               "negatives", "", "| retriever | Recall@1 | Recall@5 |", "|---|---|---|"]
     retrieval_rows = {**results["retrieval"].get("baselines", {}),

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from data_synthesis.prose import ProsePassage
 from modeling_clara import ClaraForRAG
-from testing_utils import DOCUMENTS, FICTIONAL_FACTS, write_jsonl
+from testing_utils import DOCUMENTS, FICTIONAL_FACTS, new_model, randomize_adapters, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,6 +204,29 @@ def test_memory_use_against_per_row_losses(reproduce, llama_clara):
     # The report rounds to 1e-4; batched and one-row forwards differ by float rounding only.
     assert use["own_loss"] == pytest.approx(own, abs=3e-4) and use["other_loss"] == pytest.approx(other, abs=3e-4)
     assert use["gap"] == pytest.approx(other - own, abs=3e-4)
+
+
+def test_text_use_is_the_bare_bases_loss_reading_each_rows_text_or_the_next_others(reproduce, tokenizer):
+    # Large initial weights: the tiny base's loss then depends on the text it reads far beyond float rounding.
+    model = randomize_adapters(new_model(tokenizer, initializer_range=1.0, hidden_size=128))
+    rows = [{"question": f"Question {i}?", "documents": [DOCUMENTS[d]], "answer": f"Answer {i}"}
+            for i, d in enumerate([0, 0, 1, 2, 2])]
+    use = reproduce.text_use(model, rows, batch_size=3, max_length=512)
+
+    def loss(row, document):  # one row alone, through the bare base
+        batch = model.processor.tokenize_for_generation([row["question"]], documents=[[document]], answers=[row["answer"]])
+        with torch.no_grad(), model.adapter(None):
+            return model.language_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    own = torch.stack([loss(row, row["documents"][0]) for row in rows]).mean().item()
+    other = torch.stack([loss(row, rows[j]["documents"][0]) for row, j in zip(rows, [2, 2, 3, 0, 0])]).mean().item()
+    assert abs(other - own) > 0.01  # so the comparisons below tell the two apart
+    assert use["own_loss"] == pytest.approx(own, abs=3e-4) and use["other_loss"] == pytest.approx(other, abs=3e-4)
+    assert use["gap"] == pytest.approx(other - own, abs=3e-4)
+    with torch.no_grad():  # the adapters do not matter: the text baseline is the bare base
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(3)
+    assert reproduce.text_use(model, rows, batch_size=3, max_length=512) == use
 
 
 def test_each_row_is_measured_against_the_next_row_with_another_document(reproduce):
