@@ -513,8 +513,9 @@ def main(argv=None) -> None:
 
 def render(results: dict) -> str:
     machine = results.get("machine", {})
-    lines = ["# Performance", "", f"Measured {results.get('date', '?')[:10]} with `python benchmarks/performance.py` on "
-             f"{machine.get('device', '?')} ({machine.get('cpu_threads', '?')} CPU threads), torch {machine.get('torch', '?')}.", ""]
+    lines = ["# Performance", "", f"`python benchmarks/performance.py` on {machine.get('device', '?')} "
+             f"({machine.get('cpu_threads', '?')} CPU threads), torch {machine.get('torch', '?')}; last run "
+             f"{results.get('date', '?')[:10]}, each section's date below.", ""]
     for section, rows in results["rows"].items():
         if not rows:
             continue
