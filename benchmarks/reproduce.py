@@ -313,13 +313,13 @@ def memory_use(model: ClaraForRAG, collator, rows: list[dict], batch_size: int) 
     position = {document: i for i, document in enumerate(dict.fromkeys(documents))}
     memories = model.compress_documents(list(position), batch_size=batch_size)
 
-    def summed_loss(start: int, stop: int, sources: list[int]) -> float:
+    def summed_losses(start: int, stop: int, source_lists: list[list[int]]) -> list[float]:
         batch = collator(rows[start:stop])
         prompt = {key: batch[key].to(model.device) for key in ("input_ids", "attention_mask", "labels")}
-        read = memories[[position[documents[i]] for i in sources]][:, None]
-        return model(**prompt, document_memories=read).lm_loss.item() * len(sources)
+        return [model(**prompt, document_memories=memories[[position[documents[i]] for i in sources]][:, None])
+                .lm_loss.item() * len(sources) for sources in source_lists]
 
-    return own_and_other_document_loss(documents, batch_size, summed_loss)
+    return own_and_other_document_loss(documents, batch_size, summed_losses)
 
 
 @torch.no_grad()
@@ -338,18 +338,21 @@ def text_use(model: ClaraForRAG, rows: list[dict], batch_size: int, max_length: 
             output = model.language_model(**{key: batch[key].to(model.device) for key in ("input_ids", "attention_mask", "labels")})
         return output.loss.item() * len(sources)
 
-    return own_and_other_document_loss(documents, batch_size, summed_loss)
+    def summed_losses(start: int, stop: int, source_lists: list[list[int]]) -> list[float]:
+        return [summed_loss(start, stop, sources) for sources in source_lists]  # the prompt holds the text
+
+    return own_and_other_document_loss(documents, batch_size, summed_losses)
 
 
-def own_and_other_document_loss(documents: list[str], batch_size: int, summed_loss) -> dict:
-    """The loop of `memory_use` and `text_use`: `summed_loss(start, stop, sources)` is the mean loss of rows
-    `start:stop` reading the documents of rows `sources`, times their number."""
+def own_and_other_document_loss(documents: list[str], batch_size: int, summed_losses) -> dict:
+    """The loop of `memory_use` and `text_use`: `summed_losses(start, stop, [own, other])` gives, for each list of
+    source rows, the mean loss of rows `start:stop` reading those rows' documents, times their number."""
     partners = other_document_rows(documents)
     own = other = 0.0
     for start in range(0, len(documents), batch_size):
         stop = min(start + batch_size, len(documents))
-        own += summed_loss(start, stop, list(range(start, stop)))
-        other += summed_loss(start, stop, partners[start:stop])
+        own_sum, other_sum = summed_losses(start, stop, [list(range(start, stop)), partners[start:stop]])
+        own, other = own + own_sum, other + other_sum
     count = len(documents)
     return {"own_loss": round(own / count, 4), "other_loss": round(other / count, 4),
             "gap": round((other - own) / count, 4)}
