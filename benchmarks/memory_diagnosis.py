@@ -28,8 +28,9 @@ a model option):
   passage's mean token embedding, help or hinder once memories are centred?).
 
 With `--gap_every N` the held-out gap is also measured every N training steps (the curve goes into results.json).
-With `--prose_chunks N`, N chunks of other real prose (the Python standard library's docstrings, `clara prose`) join
-every training set: does prose from elsewhere help held-out SCP passages?
+With `--prose_chunks N`, N chunks of other real prose (`--prose_source`: the Python standard library's docstrings,
+FOLDOC or the Jargon File; `clara prose`) join every training set: does prose from elsewhere help held-out SCP
+passages?
 
     python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores, 9-15 minutes per variant
     python benchmarks/memory_diagnosis.py --variants reference centred --train_chunks 256 2048   # --help: the rest
@@ -57,7 +58,7 @@ from reproduce import (
 )
 from transformers import HfArgumentParser, TrainerCallback
 
-from data_synthesis.prose import reconstruction_record, stdlib_docstring_passages
+from data_synthesis.prose import PROSE_SOURCES, prose_passages, reconstruction_record
 from evaluation import METRIC_PATH
 from evaluation.harness import machine_description
 from modeling_clara import ClaraForRAG, load_base_model
@@ -104,8 +105,12 @@ class DiagnosisConfig:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS), metadata={"help": f"Any of {VARIANTS}."})
     train_chunks: list[int] = field(default_factory=lambda: [256], metadata={"help": "Training chunk counts."})
     prose_chunks: int = field(default=0, metadata={
-        "help": "Chunks of other real prose added to every training set: the Python standard library's docstrings "
-                "(data_synthesis.prose), a seeded sample. Held-out chunks stay SCP passages."})
+        "help": "Chunks of other real prose (--prose_source) added to every training set, a seeded sample. Held-out "
+                "chunks stay SCP passages."})
+    prose_source: str = field(default="stdlib", metadata={
+        "help": f"Where --prose_chunks come from: one of {PROSE_SOURCES} (data_synthesis.prose; `clara prose`)."})
+    prose_root: str | None = field(default=None, metadata={
+        "help": "The folder --prose_source is read from (default: this Python's standard library, or /usr/share/dictd)."})
     doc_tokens: int = field(default=32, metadata={"help": "Tokens per chunk (doc_max_length)."})
     rate: int = field(default=8, metadata={"help": "Compression rate."})
     held_out: int = field(default=150, metadata={"help": "Held-out passages of the split."})
@@ -125,6 +130,8 @@ class DiagnosisConfig:
         unknown = set(self.variants) - set(VARIANTS)
         if unknown:
             raise ValueError(f"Unknown variants {sorted(unknown)}; choose from {VARIANTS}.")
+        if self.prose_source not in PROSE_SOURCES:
+            raise ValueError(f"Unknown --prose_source {self.prose_source!r}; choose from {PROSE_SOURCES}.")
 
 
 def chunks(passages: list[str], tokenizer, tokens: int) -> list[str]:
@@ -137,13 +144,15 @@ def chunks(passages: list[str], tokenizer, tokens: int) -> list[str]:
 
 
 def prose_chunks(config: DiagnosisConfig, tokenizer) -> list[str]:
-    """`config.prose_chunks` chunks of the standard library's docstring prose, sampled with the split's seed."""
+    """`config.prose_chunks` chunks of `config.prose_source`'s prose, sampled with the split's seed."""
     if not config.prose_chunks:
         return []
-    passages = [passage.text for passage in stdlib_docstring_passages()]
+    passages = [passage.text for passage in prose_passages(config.prose_source, root=config.prose_root)]
     available = chunks(passages, tokenizer, config.doc_tokens)
     if config.prose_chunks > len(available):
-        raise ValueError(f"--prose_chunks {config.prose_chunks}: the docstring prose gives {len(available)} chunks.")
+        raise ValueError(
+            f"--prose_chunks {config.prose_chunks}: the {config.prose_source} prose gives {len(available)} chunks."
+        )
     return random.Random(config.seed).sample(available, config.prose_chunks)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from data_synthesis.prose import reconstruction_record, reconstruction_row, stdlib_docstring_passages
+from data_synthesis.prose import PROSE_SOURCES, prose_passages, reconstruction_record, reconstruction_row
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
 from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, machine_description
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model, load_base_tokenizer
@@ -100,10 +100,22 @@ class StudyConfig:
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
     prose_passages: int = field(
         default=0,
-        metadata={"help": "Stage 1 also rebuilds this many passages of the Python standard library's docstring prose "
-                  "(`clara prose`, a seeded sample; 0: none). On the CPU, mixed 1:1 into repeated SCP chunks it "
-                  "made held-out memories carry more (docs/diagnosis.md, Finding 10); in the CPU study's stage 1, 315 of them "
-                  "nearly doubled the held-out gap, with 1.6 times the steps (Finding 11)."},
+        metadata={"help": "Stage 1 also rebuilds this many passages of --prose_source (`clara prose`, a seeded "
+                  "sample; 0: none). On the CPU, docstring prose mixed 1:1 into repeated SCP chunks made held-out "
+                  "memories carry more (docs/diagnosis.md, Finding 10); in the CPU study's stage 1, 315 docstring "
+                  "passages nearly doubled the held-out gap, with 1.6 times the steps (Finding 11)."},
+    )
+    prose_source: str = field(
+        default="stdlib",
+        metadata={"help": f"Where --prose_passages come from: one of {PROSE_SOURCES} (data_synthesis.prose): the "
+                  "standard library's docstrings (1,045 passages), FOLDOC (about 5,000) or the Jargon File (about "
+                  "1,500), the last two from Debian's dict-foldoc and dict-jargon packages."},
+    )
+    prose_root: str | None = field(
+        default=None,
+        metadata={"help": "The folder --prose_source is read from (default: this Python's standard library, or "
+                  "/usr/share/dictd; scripts/get_debian_prose.sh puts FOLDOC and the Jargon File in "
+                  ".cache/debian_prose without root)."},
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
     reconstruction_tokens: int = field(default=160, metadata={"help": "Tokens per reconstructed passage."})
@@ -130,6 +142,8 @@ class StudyConfig:
     def __post_init__(self):
         if self.prose_passages < 0:
             raise ValueError(f"--prose_passages must be >= 0, got {self.prose_passages}.")
+        if self.prose_source not in PROSE_SOURCES:
+            raise ValueError(f"Unknown --prose_source {self.prose_source!r}; choose from {PROSE_SOURCES}.")
         if self.quick:
             self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
             self.questions_per_passage, self.scp_epochs, self.instruct_epochs, self.joint_epochs = 2, 1.0, 0.5, 0.25
@@ -232,9 +246,11 @@ def build_data(config: StudyConfig, directory: Path) -> dict:
     if config.reconstruction:
         scp += [reconstruction_record(r["docs"][0]) for r in train]
     if config.prose_passages:
-        prose = stdlib_docstring_passages()
+        prose = prose_passages(config.prose_source, root=config.prose_root)
         if config.prose_passages > len(prose):
-            raise ValueError(f"--prose_passages {config.prose_passages}: the docstring prose has {len(prose)}.")
+            raise ValueError(
+                f"--prose_passages {config.prose_passages}: the {config.prose_source} prose has {len(prose)}."
+            )
         sample = random.Random(config.seed + 4).sample(prose, config.prose_passages)
         scp += [reconstruction_row(replace(p, text=compressed_text(p.text, tokenizer, config.doc_max_length)))
                 for p in sample]
@@ -651,6 +667,8 @@ def passages_note(settings: dict, counts: dict) -> str:
 def write_docs(results: dict, docs_dir: Path) -> Path:
     docs_dir.mkdir(parents=True, exist_ok=True)
     settings, counts = results["settings"], results.get("data", {})
+    prose = settings.get("prose_passages")  # runs made before --prose_source read the standard library's docstrings
+    prose_note = f", and {prose} passages of {settings.get('prose_source', 'stdlib')} prose rebuilt" if prose else ""
     lines = [
         "# Reproduction study: do compressed memories carry the passage?",
         "",
@@ -661,7 +679,7 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         "",
         f"Stage 1: {counts.get('scp_rows')} rows (each train passage's QA pairs"
         f"{' and its reconstruction' if settings['reconstruction'] else ''}"
-        f"{f', and {prose} docstring passages rebuilt' if (prose := settings.get('prose_passages')) else ''}), "
+        f"{prose_note}), "
         f"{settings['scp_epochs']} epochs; stage 2: "
         f"{counts.get('instruct_rows')} question/passage/answer rows, {settings['instruct_epochs']} epochs (generator "
         f"kept); stage 3: {counts.get('joint_rows')} train questions, each among its passage and "

@@ -36,7 +36,17 @@ class ProseArguments:
     output: str = field(metadata={"help": "Output JSONL of SCP reconstruction rows (overwritten)."})
     min_words: int = field(default=40, metadata={"help": "Shortest paragraph kept, in words."})
     limit: int | None = field(default=None, metadata={"help": "Write at most this many passages (the first ones)."})
-    stdlib: str | None = field(default=None, metadata={"help": "A standard library folder (default: this Python's)."})
+    source: str = field(
+        default="stdlib",
+        metadata={"help": "stdlib: the Python standard library's docstrings (PSF License 2.0, shipped with Python); "
+                  "foldoc: the Free On-line Dictionary of Computing (GNU FDL), or jargon: the Jargon File (public "
+                  "domain), as Debian's dict-foldoc and dict-jargon packages install them."},
+    )
+    root: str | None = field(
+        default=None,
+        metadata={"help": "The folder to read: a standard library folder (default: this Python's), or the dictd "
+                  "folder that holds foldoc.index or jargon.index (default: /usr/share/dictd)."},
+    )
 
 
 def _parse(argv: list[str], config_classes, prog: str, description: str, log_level: int = logging.INFO):
@@ -63,20 +73,22 @@ def _demo(argv: list[str]) -> int:
 
 
 def _prose(argv: list[str]) -> int:
-    from data_synthesis.prose import reconstruction_row, stdlib_docstring_passages
+    from data_synthesis.prose import PROSE_SOURCES, prose_passages, reconstruction_row
 
     (args,) = _parse(
         argv, ProseArguments, "clara prose",
-        "Write the prose paragraphs of the Python standard library's docstrings (PSF License 2.0, shipped with "
-        "Python) as SCP reconstruction rows (data_type 'paraphrase', the target is the passage) for `clara train scp`.",
+        "Write real prose read offline (the Python standard library's docstrings, FOLDOC or the Jargon File) as SCP "
+        "reconstruction rows (data_type 'paraphrase', the target is the passage) for `clara train scp`.",
     )
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}.")
-    passages = stdlib_docstring_passages(min_words=args.min_words, root=args.stdlib)[: args.limit]
+    if args.source not in PROSE_SOURCES:
+        raise SystemExit(f"--source must be one of {list(PROSE_SOURCES)}, got {args.source!r}.")
+    passages = prose_passages(args.source, min_words=args.min_words, root=args.root)[: args.limit]
     with open(args.output, "w", encoding="utf-8") as output:
         output.writelines(json.dumps(reconstruction_row(p), ensure_ascii=False) + "\n" for p in passages)
     words = sum(len(p.text.split()) for p in passages)
-    print(f"Wrote {len(passages)} passages ({words} words) of the Python standard library's docstrings to {args.output}.")
+    print(f"Wrote {len(passages)} passages ({words} words) of {args.source} prose to {args.output}.")
     return 0
 
 
@@ -317,7 +329,7 @@ COMMANDS = {
     "demo": (_demo, "Compress a small real corpus into a memory bank; answer from it with CLaRa and text RAG, timed."),
     "train": (_train, "Train one stage: clara train scp|instruct|joint [--config RECIPE] [--field value ...]."),
     "synthesize": (_synthesize, "Synthesize SCP training data from a corpus with a local or served LLM."),
-    "prose": (_prose, "Write real prose shipped with Python (stdlib docstrings) as SCP reconstruction rows."),
+    "prose": (_prose, "Write real prose read offline (stdlib docstrings, FOLDOC, Jargon File) as reconstruction rows."),
     "evaluate": (_evaluate, "Evaluate a CLaRa model or a baseline: EM, F1, cover, Recall@k; JSON + markdown report."),
     "compress": (_compress, "Compress a corpus once into a memory bank (resumable, sharded; accelerate launch splits it)."),
     "ask": (_ask, "Answer a question from a memory bank: rank, read the top k memories, generate."),

@@ -1,10 +1,20 @@
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 
 from clara_cli.main import main
-from data_synthesis.prose import STDLIB_LICENSE, reconstruction_row, stdlib_docstring_passages
+from data_synthesis.prose import (
+    DICTD_FOLDER,
+    STDLIB_LICENSE,
+    dictd_passages,
+    prose_passages,
+    reconstruction_row,
+    stdlib_docstring_passages,
+)
+from testing_utils import dictd_number, write_dictd
 from trainers.data import load_rows, validate_row
 
 PROSE = "A shelf is a persistent dictionary whose values can be arbitrary objects that pickle can handle."
@@ -83,12 +93,14 @@ def test_reconstruction_rows_are_valid_scp_rows_whose_target_is_the_passage(stdl
 
 def test_clara_prose_writes_rows_that_stage_1_reads(stdlib, tmp_path, capsys):
     output = tmp_path / "prose.jsonl"
-    assert main(["prose", "--output", str(output), "--stdlib", str(stdlib), "--min_words", "8", "--limit", "2"]) == 0
+    assert main(["prose", "--output", str(output), "--root", str(stdlib), "--min_words", "8", "--limit", "2"]) == 0
     assert "Wrote 2 passages (31 words)" in capsys.readouterr().out
     assert [row["document"] for row in load_rows(output, "scp")] == [PROSE, CLASS_PROSE]
     assert json.loads(output.read_text().splitlines()[1])["source"] == "Lib/alpha.py:Lock"
     with pytest.raises(SystemExit, match="--limit"):
         main(["prose", "--output", str(output), "--limit", "0"])
+    with pytest.raises(SystemExit, match="--source must be one of"):
+        main(["prose", "--output", str(output), "--source", "wikipedia"])
 
 
 @pytest.mark.slow
@@ -96,3 +108,125 @@ def test_this_pythons_standard_library_gives_a_thousand_prose_passages():
     passages = stdlib_docstring_passages()
     assert len(passages) > 500 and len({p.text for p in passages}) == len(passages)
     assert all(len(p.text.split()) >= 40 and "/Lib/" in p.source for p in passages)
+
+
+# ---------------------------------------------------------------- dictd databases (FOLDOC, the Jargon File)
+# Debian's packages, or scripts/get_debian_prose.sh's copy of them (CI runs it).
+DEBIAN_DICTD = next(
+    (folder for folder in (Path(DICTD_FOLDER), Path(__file__).resolve().parents[1] / ".cache" / "debian_prose")
+     if (folder / "foldoc.index").is_file() and (folder / "jargon.index").is_file()),
+    None,
+)
+ANDREW = """Andrew Project
+Andrew
+
+   <project> A distributed system project for support of
+   educational and research computing at {Carnegie Mellon
+   University}, named after Andrew Carnegie, who provided
+   money to establish {CMU (http://www.cmu.edu/)}.
+
+   See also {Andrew File System}, {class}.
+
+   {Home FTP (ftp://emsworth.andrew.cmu.edu)}.
+
+   {Usenet} newsgroup: {news:comp.soft-sys.andrew}.
+
+   [More detail?]
+
+   (1997-11-17)
+
+"""
+ENDIAN = """big-endian
+
+   1. <data, architecture> The __most__ significant byte has the
+   lowest address, as in the {IBM 370} family (Mike Sendall
+   <sendall@dxpt01.cern.ch>).  2. <networking> A backward mail address.
+
+      int x = 1; /* code is not prose */
+
+   (2003-01-14)
+
+"""
+PRIESTHOOD = """priesthood
+ n.
+
+    [TMRC; obs.] The select group of system managers responsible for the
+    operation of a batch computer system.
+
+"""
+SHORT = """nybble
+
+   Half a byte.
+
+"""
+
+
+def test_dictd_numbers_are_read_as_dictd_writes_them():
+    assert [dictd_number(n) for n in (0, 63, 64, 4096, 4097)] == ["A", "/", "BA", "BAA", "BAB"]
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_dictd_passages_are_each_entrys_headword_and_prose_once(tmp_path, compress):
+    entries = [
+        (["00-database-info"], "This file was converted from the original database on Thu Jan 19 2023 by dictfmt.\n"),
+        (["Andrew Project", "Andrew"], ANDREW),  # two headwords, one entry
+        (["big-endian"], ENDIAN),
+        (["nybble"], SHORT),
+        (["priesthood"], PRIESTHOOD),
+        (["priesthood (copy)"], PRIESTHOOD),  # the same text at another offset
+    ]
+    folder = write_dictd(tmp_path / "dictd", "foldoc", entries, compress)
+    passages = dictd_passages("foldoc", min_words=10, root=folder)
+    assert [(p.text, p.source) for p in passages] == [
+        ("Andrew Project: A distributed system project for support of educational and research computing at Carnegie "
+         "Mellon University, named after Andrew Carnegie, who provided money to establish CMU.",
+         "dict-foldoc/foldoc:Andrew Project"),
+        ("big-endian: 1. The most significant byte has the lowest address, as in the IBM 370 family (Mike Sendall). "
+         "2. A backward mail address.", "dict-foldoc/foldoc:big-endian"),
+        ("priesthood: [TMRC; obs.] The select group of system managers responsible for the operation of a batch "
+         "computer system.", "dict-foldoc/foldoc:priesthood"),
+    ]
+    assert {p.license for p in passages} == {"GFDL-1.1-or-later"}
+    # The headword does not count: Andrew's prose has 25 words, big-endian's 22.
+    assert [p.text for p in prose_passages("foldoc", min_words=23, root=folder)] == [passages[0].text]
+    row = reconstruction_row(passages[2])
+    assert validate_row(row, "scp")["document"] == passages[2].text and row["license"] == "GFDL-1.1-or-later"
+
+
+def test_dictd_passages_name_what_is_missing_or_malformed(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No dictd database 'jargon' in .*apt-get install dict-jargon"):
+        dictd_passages("jargon", root=tmp_path)
+    folder = write_dictd(tmp_path / "dictd", "jargon", [(["priesthood"], PRIESTHOOD)])
+    assert [p.license for p in dictd_passages("jargon", min_words=5, root=folder)] == ["public-domain"]
+    (folder / "jargon.index").write_text("priesthood\tA\tCx\nbroken line without offsets\n")
+    with pytest.raises(ValueError, match=r"jargon.index:2: not a dictd index line"):
+        dictd_passages("jargon", root=folder)
+    with pytest.raises(ValueError, match="min_words"):
+        dictd_passages("jargon", min_words=0, root=folder)
+    with pytest.raises(ValueError, match="Unknown dictd prose source 'devil'"):
+        dictd_passages("devil", root=folder)
+    with pytest.raises(ValueError, match="Unknown prose source 'devil'"):
+        prose_passages("devil", root=folder)
+
+
+def test_clara_prose_writes_foldoc_rows(tmp_path, capsys):
+    folder = write_dictd(tmp_path / "dictd", "foldoc", [(["Andrew Project"], ANDREW), (["big-endian"], ENDIAN)])
+    output = tmp_path / "foldoc.jsonl"
+    arguments = ["prose", "--output", str(output), "--source", "foldoc", "--root", str(folder), "--min_words", "5"]
+    assert main(arguments) == 0
+    assert "Wrote 2 passages (50 words) of foldoc prose" in capsys.readouterr().out
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["source"] for row in rows] == ["dict-foldoc/foldoc:Andrew Project", "dict-foldoc/foldoc:big-endian"]
+
+
+@pytest.mark.skipif(DEBIAN_DICTD is None, reason="Debian's dict-foldoc and dict-jargon (scripts/get_debian_prose.sh)")
+def test_debians_foldoc_and_jargon_file_give_thousands_of_clean_passages():
+    for source, least in (("foldoc", 4000), ("jargon", 1000)):
+        passages = prose_passages(source, root=DEBIAN_DICTD)
+        assert len(passages) > least and len({p.text for p in passages}) == len(passages)
+        assert all(len(p.text.split()) >= 40 for p in passages)
+        # The markup is resolved: no domain tags or emphasis left, link braces only where the source's are unbalanced
+        # (8 of FOLDOC's entries and 3 of the Jargon File's in 2023), and each passage starts with its entry's title.
+        assert not [p.source for p in passages if re.search(r"(: |\d\. )<[a-z, ]+>", p.text) or "__" in p.text]
+        assert sum("{" in p.text or "}" in p.text for p in passages) < 0.01 * len(passages)
+        assert all(p.text.startswith(p.source.partition(":")[2] + ": ") for p in passages)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_synthesis.prose import ProsePassage
+from data_synthesis.prose import prose_passages
 from modeling_clara import ClaraForRAG
-from testing_utils import DOCUMENTS, FICTIONAL_FACTS, new_model, randomize_adapters, write_jsonl
+from testing_utils import DOCUMENTS, FICTIONAL_FACTS, new_model, randomize_adapters, write_dictd, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,38 +307,54 @@ def test_a_cut_drops_exactly_the_questions_whose_answer_words_it_removed(reprodu
     assert counts == {"cut_passages": 1, "dropped_questions": 2}
 
 
-def test_the_study_adds_docstring_prose_to_stage_1_when_asked(reproduce, tiny_base_dir, tmp_path, monkeypatch):
-    prose = [ProsePassage(f"Passage {i} of docstring prose about the {word} module.", f"Lib/{word}.py", "PSF-2.0")
-             for i, word in enumerate(["shelve", "queue", "heapq"])]
-    monkeypatch.setattr(reproduce, "stdlib_docstring_passages", lambda: prose)
+def foldoc_entries(words: list[str], repeats: int) -> list[tuple[list[str], str]]:
+    """One FOLDOC-style entry per word, its prose the word's sentence `repeats` times."""
+    return [([word], f"{word}\n\n   <{word}> {' '.join([f'The {word} runs under the old stone bridge.'] * repeats)}\n\n")
+            for word in words]
+
+
+def test_the_study_adds_prose_to_stage_1_when_asked(reproduce, tiny_base_dir, tmp_path):
+    dictd = write_dictd(tmp_path / "dictd", "foldoc", foldoc_entries(["river", "canal", "stream"], 6))
     settings = dict(data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, held_out=3, train_passages=5,
                     questions_per_passage=1)
-    data = reproduce.build_data(reproduce.StudyConfig(**settings, prose_passages=2), tmp_path / "with")
+    with_prose = dict(settings, prose_source="foldoc", prose_root=str(dictd))
+    data = reproduce.build_data(reproduce.StudyConfig(**with_prose, prose_passages=2), tmp_path / "with")
     plain = reproduce.build_data(reproduce.StudyConfig(**settings), tmp_path / "without")
     rows = [json.loads(line) for line in Path(data["scp"]).read_text().splitlines()]
     assert rows[:-2] == [json.loads(line) for line in Path(plain["scp"]).read_text().splitlines()]
     assert all(row["data_type"] == "paraphrase" and row["answers"] == row["docs"] for row in rows[-2:])
-    assert {row["docs"][0] for row in rows[-2:]} < {passage.text for passage in prose}
+    assert all(row["source"].startswith("dict-foldoc/foldoc:") and row["license"] == "GFDL-1.1-or-later"
+               for row in rows[-2:])
+    # A passage is cut to what the compressor reads: the first doc_max_length tokens of "<title>: <prose>".
+    assert all(row["docs"][0].startswith(row["source"].partition(":")[2] + ": The ") for row in rows[-2:])
     assert data["counts"]["scp_rows"] == plain["counts"]["scp_rows"] + 2
-    with pytest.raises(ValueError, match="--prose_passages 4: the docstring prose has 3"):
-        reproduce.build_data(reproduce.StudyConfig(**settings, prose_passages=4), tmp_path / "too_many")
+    with pytest.raises(ValueError, match="--prose_passages 4: the foldoc prose has 3"):
+        reproduce.build_data(reproduce.StudyConfig(**with_prose, prose_passages=4), tmp_path / "too_many")
+    with pytest.raises(FileNotFoundError, match="No dictd database 'jargon'"):
+        reproduce.build_data(reproduce.StudyConfig(**with_prose | {"prose_source": "jargon"}, prose_passages=1),
+                             tmp_path / "missing")
     with pytest.raises(ValueError, match="--prose_passages must be >= 0"):
         reproduce.StudyConfig(prose_passages=-1)
+    with pytest.raises(ValueError, match="Unknown --prose_source 'wikipedia'"):
+        reproduce.StudyConfig(prose_source="wikipedia")
 
 
-def test_the_diagnosis_adds_prose_chunks_to_every_training_set(diagnosis, tiny_base_dir, tmp_path, monkeypatch):
-    prose = [ProsePassage(" ".join(["the river runs under the old stone bridge"] * 3), "Lib/river.py", "PSF-2.0")]
-    monkeypatch.setattr(diagnosis, "stdlib_docstring_passages", lambda: prose)
+def test_the_diagnosis_adds_prose_chunks_to_every_training_set(diagnosis, tiny_base_dir, tmp_path):
+    dictd = write_dictd(tmp_path / "dictd", "jargon", foldoc_entries(["river"], 6))
     arguments = [f"--data={scp_file(tmp_path / 'scp.jsonl')}", f"--base={tiny_base_dir}", "--doc_tokens=8",
                  "--rate=4", "--held_out=4", "--steps=1", "--batch_size=2", "--eval_batch_size=2", "--max_length=512",
-                 "--reconstruction_tokens=2", "--variants=batch-centred", "--train_chunks=2"]
+                 "--reconstruction_tokens=2", "--variants=batch-centred", "--train_chunks=2",
+                 "--prose_source=jargon", f"--prose_root={dictd}"]
     assert diagnosis.main([*arguments, f"--output_dir={tmp_path / 'run'}", "--prose_chunks=2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "train_2.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(row["answers"] == row["docs"] for row in rows)
     assert all("river" not in row["docs"][0] for row in rows[:2])
-    assert all(row["docs"][0] in prose[0].text for row in rows[2:])  # two 8-token stretches of the prose
-    with pytest.raises(ValueError, match="--prose_chunks 9: the docstring prose gives"):
-        diagnosis.main([*arguments, f"--output_dir={tmp_path / 'too_many'}", "--prose_chunks=9"])
+    prose = prose_passages("jargon", root=dictd)[0].text
+    assert all(row["docs"][0] in prose for row in rows[2:])  # two 8-token stretches of the prose
+    with pytest.raises(ValueError, match="--prose_chunks 10000: the jargon prose gives"):
+        diagnosis.main([*arguments, f"--output_dir={tmp_path / 'too_many'}", "--prose_chunks=10000"])
+    with pytest.raises(ValueError, match="Unknown --prose_source 'devil'"):
+        diagnosis.main([*arguments[:-2], "--prose_source=devil", f"--output_dir={tmp_path / 'bad'}"])
 
 
 def test_the_centred_variant_gives_the_generator_centred_memories_at_the_embedding_scale(diagnosis, llama_clara):

@@ -1,7 +1,9 @@
 """Helpers of the tests: tiny random models, a tokenizer trained on the spot, small real-format data rows, trainer
 settings and parameter snapshots. Imported by the test modules and by `conftest.py` (which only holds fixtures)."""
 
+import gzip
 import json
+import string
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,31 @@ def assert_loads_as_remote_code(directory, model, work_dir) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"REMOTE-OK ClaraForRAG ClaraProcessor {json.dumps(expected_answers)}" in result.stdout
+
+
+# ---------------------------------------------------------------- dictd databases (data_synthesis.prose)
+BASE64_DIGITS = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
+
+
+def dictd_number(value: int) -> str:
+    """A number as dictd's index writes it: base64 digits, most significant first, no padding."""
+    digits = BASE64_DIGITS[value % 64]
+    while value := value // 64:
+        digits = BASE64_DIGITS[value % 64] + digits
+    return digits
+
+
+def write_dictd(folder: Path, name: str, entries: list[tuple[list[str], str]], compress: bool = True) -> Path:
+    """A dictd database `name` in `folder`: each entry's text, indexed under each of its headwords in turn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data, index = b"", []
+    for headwords, text in entries:
+        encoded = text.encode()
+        index += [f"{headword}\t{dictd_number(len(data))}\t{dictd_number(len(encoded))}\n" for headword in headwords]
+        data += encoded
+    (folder / f"{name}.index").write_text("".join(index))
+    if compress:  # dictzip's .dz is gzip with a seek table in its header, which gzip readers skip
+        (folder / f"{name}.dict.dz").write_bytes(gzip.compress(data))
+    else:
+        (folder / f"{name}.dict").write_bytes(data)
+    return folder
