@@ -149,7 +149,11 @@ def dictd_passages(source: str, min_words: int = 40, root: str | Path | None = N
             f"No dictd database {source!r} in {folder} (it needs {source}.index and {source}.dict.dz or .dict): install "
             f"Debian's {package} package (apt-get install {package}) or pass the folder that holds it."
         )
-    text = (gzip.open(data) if data.suffix == ".dz" else open(data, "rb")).read()  # dictzip files are gzip files
+    try:
+        with gzip.open(data) if data.suffix == ".dz" else open(data, "rb") as file:  # dictzip files are gzip files
+            text = file.read()
+    except (OSError, EOFError) as error:
+        raise ValueError(f"{data}: not a readable dictd data file: {error}") from None
     passages, seen_entries, seen_texts = [], set(), set()
     for line_number, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
         fields = line.split("\t")
@@ -160,6 +164,8 @@ def dictd_passages(source: str, min_words: int = 40, root: str | Path | None = N
         # Several headwords (aliases) can index one entry; the database's own "00-database-*" entries are not prose.
         if headword.startswith(("00-database", "00database")) or (start, length) in seen_entries:
             continue
+        if start + length > len(text):
+            raise ValueError(f"{index}:{line_number}: entry {headword!r} ends past the end of {data} (another version?).")
         seen_entries.add((start, length))
         entry = text[start : start + length].decode("utf-8", errors="replace")
         head, _, body = entry.strip("\n").partition("\n\n")

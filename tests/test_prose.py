@@ -198,8 +198,15 @@ def test_dictd_passages_name_what_is_missing_or_malformed(tmp_path):
         dictd_passages("jargon", root=tmp_path)
     folder = write_dictd(tmp_path / "dictd", "jargon", [(["priesthood"], PRIESTHOOD)])
     assert [p.license for p in dictd_passages("jargon", min_words=5, root=folder)] == ["public-domain"]
-    (folder / "jargon.index").write_text("priesthood\tA\tCx\nbroken line without offsets\n")
+    valid_index = (folder / "jargon.index").read_text()
+    (folder / "jargon.index").write_text(valid_index + "broken line without offsets\n")
     with pytest.raises(ValueError, match=r"jargon.index:2: not a dictd index line"):
+        dictd_passages("jargon", root=folder)
+    (folder / "jargon.index").write_text("priesthood\tA\tZZZ\n")
+    with pytest.raises(ValueError, match=r"jargon.index:1: entry 'priesthood' ends past the end of .*jargon.dict.dz"):
+        dictd_passages("jargon", root=folder)
+    (folder / "jargon.dict.dz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"jargon.dict.dz: not a readable dictd data file"):
         dictd_passages("jargon", root=folder)
     with pytest.raises(ValueError, match="min_words"):
         dictd_passages("jargon", min_words=0, root=folder)
