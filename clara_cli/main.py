@@ -34,7 +34,7 @@ class ProseArguments:
     """Output and filter of `clara prose`."""
 
     output: str = field(metadata={"help": "Output JSONL of SCP reconstruction rows (overwritten)."})
-    min_words: int = field(default=40, metadata={"help": "Shortest paragraph kept, in words."})
+    min_words: int = field(default=40, metadata={"help": "Shortest passage kept, in words (a dictd entry's title not counted)."})
     limit: int | None = field(default=None, metadata={"help": "Write at most this many passages (the first ones)."})
     source: str = field(
         default="stdlib",
