@@ -8,9 +8,12 @@ cd "$(dirname "$0")/.."
 target=.cache/debian_prose
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-download() { (cd "$work" && apt-get download -qq dict-foldoc dict-jargon 2>/dev/null); }
+download() { (cd "$work" && apt-get download -qq dict-foldoc dict-jargon); }
 # A machine whose package lists were never fetched knows no candidate version; only root can fetch them.
-download || { [ "$(id -u)" = 0 ] && apt-get update -qq && download; }
+download 2>/dev/null || { [ "$(id -u)" = 0 ] && apt-get update -qq && download; } || {
+    echo "get_debian_prose.sh: apt-get could not download dict-foldoc and dict-jargon (as root it also tried apt-get update)." >&2
+    exit 1
+}
 mkdir -p "$target"
 for name in foldoc jargon; do
     dpkg-deb -x "$work"/dict-"$name"_*.deb "$work/$name"
