@@ -9,6 +9,7 @@ from clara_cli.main import main
 from data_synthesis.prose import (
     DICTD_FOLDER,
     STDLIB_LICENSE,
+    _dictd_offset,
     dictd_passages,
     prose_passages,
     reconstruction_row,
@@ -162,7 +163,9 @@ SHORT = """nybble
 
 
 def test_dictd_numbers_are_read_as_dictd_writes_them():
-    assert [dictd_number(n) for n in (0, 63, 64, 4096, 4097)] == ["A", "/", "BA", "BAA", "BAB"]
+    numbers, digits = [0, 63, 64, 4096, 4097, 2408824], ["A", "/", "BA", "BAA", "BAB", "JMF4"]
+    assert [_dictd_offset(field) for field in digits] == numbers
+    assert [dictd_number(number) for number in numbers] == digits  # the helper that writes the test databases
 
 
 @pytest.mark.parametrize("compress", [True, False])
