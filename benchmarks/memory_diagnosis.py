@@ -58,7 +58,7 @@ from reproduce import (
 )
 from transformers import HfArgumentParser, TrainerCallback
 
-from data_synthesis.prose import PROSE_SOURCES, prose_passages, reconstruction_record
+from data_synthesis.prose import PROSE_SOURCES, check_prose_source, prose_passages, reconstruction_record
 from evaluation import METRIC_PATH
 from evaluation.harness import machine_description
 from modeling_clara import ClaraForRAG, load_base_model
@@ -130,8 +130,7 @@ class DiagnosisConfig:
         unknown = set(self.variants) - set(VARIANTS)
         if unknown:
             raise ValueError(f"Unknown variants {sorted(unknown)}; choose from {VARIANTS}.")
-        if self.prose_source not in PROSE_SOURCES:
-            raise ValueError(f"Unknown --prose_source {self.prose_source!r}; choose from {PROSE_SOURCES}.")
+        check_prose_source(self.prose_source, "--prose_source")
 
 
 def chunks(passages: list[str], tokenizer, tokens: int) -> list[str]:

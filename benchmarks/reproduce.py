@@ -35,7 +35,13 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from data_synthesis.prose import PROSE_SOURCES, prose_passages, reconstruction_record, reconstruction_row
+from data_synthesis.prose import (
+    PROSE_SOURCES,
+    check_prose_source,
+    prose_passages,
+    reconstruction_record,
+    reconstruction_row,
+)
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
 from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, machine_description
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model, load_base_tokenizer
@@ -142,8 +148,7 @@ class StudyConfig:
     def __post_init__(self):
         if self.prose_passages < 0:
             raise ValueError(f"--prose_passages must be >= 0, got {self.prose_passages}.")
-        if self.prose_source not in PROSE_SOURCES:
-            raise ValueError(f"Unknown --prose_source {self.prose_source!r}; choose from {PROSE_SOURCES}.")
+        check_prose_source(self.prose_source, "--prose_source")
         if self.quick:
             self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
             self.questions_per_passage, self.scp_epochs, self.instruct_epochs, self.joint_epochs = 2, 1.0, 0.5, 0.25

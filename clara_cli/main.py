@@ -73,7 +73,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _prose(argv: list[str]) -> int:
-    from data_synthesis.prose import PROSE_SOURCES, prose_passages, reconstruction_row
+    from data_synthesis.prose import check_prose_source, prose_passages, reconstruction_row
 
     (args,) = _parse(
         argv, ProseArguments, "clara prose",
@@ -82,8 +82,10 @@ def _prose(argv: list[str]) -> int:
     )
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}.")
-    if args.source not in PROSE_SOURCES:
-        raise SystemExit(f"--source must be one of {list(PROSE_SOURCES)}, got {args.source!r}.")
+    try:
+        check_prose_source(args.source, "--source")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     passages = prose_passages(args.source, min_words=args.min_words, root=args.root)[: args.limit]
     with open(args.output, "w", encoding="utf-8") as output:
         output.writelines(json.dumps(reconstruction_row(p), ensure_ascii=False) + "\n" for p in passages)

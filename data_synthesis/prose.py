@@ -30,6 +30,7 @@ __all__ = [
     "PROSE_SOURCES",
     "STDLIB_LICENSE",
     "ProsePassage",
+    "check_prose_source",
     "dictd_passages",
     "prose_passages",
     "reconstruction_record",
@@ -178,13 +179,18 @@ def dictd_passages(source: str, min_words: int = 40, root: str | Path | None = N
     return passages
 
 
+def check_prose_source(source: str, option: str = "prose source") -> None:
+    """Raise, naming `option` (the setting that holds `source`), unless `source` is one of `PROSE_SOURCES`."""
+    if source not in PROSE_SOURCES:
+        raise ValueError(f"Unknown {option} {source!r}; choose from {list(PROSE_SOURCES)}.")
+
+
 def prose_passages(source: str, min_words: int = 40, root: str | Path | None = None) -> list[ProsePassage]:
     """The passages of one of `PROSE_SOURCES`, read from `root` (default: where Python or Debian put it)."""
+    check_prose_source(source)
     if source == "stdlib":
         return stdlib_docstring_passages(min_words, root)
-    if source in DICTD_SOURCES:
-        return dictd_passages(source, min_words, root)
-    raise ValueError(f"Unknown prose source {source!r}; choose from {list(PROSE_SOURCES)}.")
+    return dictd_passages(source, min_words, root)
 
 
 def reconstruction_record(text: str) -> dict:
