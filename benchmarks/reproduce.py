@@ -47,6 +47,7 @@ from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, machine_de
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model, load_base_tokenizer
 from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer
 from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPCollator
+from trainers.data import validate_row
 
 ROOT = Path(__file__).resolve().parents[1]
 # Settings a resumed study may change: they decide where things go and when to stop, not what is measured.
@@ -381,7 +382,7 @@ def own_and_other_document_loss(documents: list[str], batch_size: int, summed_lo
 
 def reconstruction_rows(passages: list[str]) -> list[dict]:
     """Stage-1 rows whose target is the passage itself, as `SCPCollator` reads them (`reconstruction_record`, loaded)."""
-    return [{"data_type": "paraphrase", "questions": [], "answers": [p], "document": p} for p in passages]
+    return [validate_row(reconstruction_record(p), "scp") for p in passages]
 
 
 def held_out_answer_rows(data: dict) -> list[dict]:

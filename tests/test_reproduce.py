@@ -1,5 +1,6 @@
 """`benchmarks/reproduce.py` end to end on a tiny model and fictional passages: every phase runs and reports."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -54,10 +55,10 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     stages = ("untrained", "stage 1", "stage 2", "stage 3")
     assert set(results["answers"]) == {"closed-book", "text RAG"} | {f"cr{r} {s}" for r in (4, 8) for s in stages}
     assert set(results["retrieved_answers"]) == {f"cr{r} {s}" for r in (4, 8) for s in ("stage 2", "stage 3")}
-    assert set(results["reconstruction"]) == {"cr4 stage 1", "cr8 stage 1"}
+    assert set(results["reconstruction"]) == {"cr2 stage 1", "cr8 stage 1"}
     assert {"random", "bm25"} <= set(results["retrieval"]["baselines"])
     assert {"cr8 stage-2 compressor as query reasoner", "cr8 stage-3 query reasoner"} <= set(results["retrieval"])
-    assert results["training"]["cr4 stage 1"]["steps"] == 3 and not results["skipped"]
+    assert results["training"]["cr2 stage 1"]["steps"] == 3 and not results["skipped"]
     assert results["training"]["cr4 stage 3"]["steps"] == 3
     assert learning_rates == {"SCPTrainer": {1e-3}, "InstructTrainer": {2e-4}, "JointTrainer": {3e-5}}
     for stage in stages:
@@ -239,16 +240,21 @@ def test_each_row_is_measured_against_the_next_row_with_another_document(reprodu
 # ---------------------------------------------------------------- benchmarks/memory_diagnosis.py
 
 
-@pytest.fixture(scope="module")
-def diagnosis():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports the study's helpers as `reproduce`
+def benchmark_using_the_study(name: str):
+    """`benchmarks/<name>.py` as a module; it imports the study's helpers as `reproduce`."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("memory_diagnosis", ROOT / "benchmarks" / "memory_diagnosis.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     return module
+
+
+@pytest.fixture(scope="module")
+def diagnosis():
+    return benchmark_using_the_study("memory_diagnosis")
 
 
 def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_dir, tmp_path):
@@ -378,3 +384,39 @@ def test_the_report_plots_quality_and_recall_against_the_compression_rate(reprod
     for name in ("reproduction_cover.png", "reproduction_rates.png"):
         assert f"![{name}]({name})" in report
         assert (tmp_path / "docs" / name).read_bytes().startswith(b"\x89PNG")
+
+
+# ---------------------------------------------------------------- benchmarks/unused_passages.py
+
+
+def test_a_study_is_measured_again_on_exactly_the_passages_it_never_read(reproduce, tiny_base_dir, tmp_path):
+    unused_passages = benchmark_using_the_study("unused_passages")
+    study_dir = tmp_path / "study"
+    # 8 passages: 3 held out, 3 trained on, 2 never read. At 30 tokens the cut ends before the flag's colour, so
+    # only the capital questions stay.
+    study = reproduce.StudyConfig(data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, output_dir=str(study_dir),
+                                  held_out=3, train_passages=3, doc_max_length=30, questions_per_passage=2,
+                                  max_new_tokens=2, eval_batch_size=4, max_length=512)
+    (study_dir / "cr2").mkdir(parents=True)
+    (study_dir / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(study)}))
+    ClaraForRAG.from_base_model(tiny_base_dir, compression_rate=2, doc_max_length=30).save_pretrained(
+        study_dir / "cr2" / "model_after_stage1", save_base_model=False
+    )
+    assert unused_passages.main([f"--study_dir={study_dir}", "--passages=2"]) == 0
+
+    results = json.loads((study_dir / "unused_passages.json").read_text())
+    assert results["data"] == {"passages": 2, "questions": 2, "cut_passages": 2, "dropped_questions": 2}
+    questions = [json.loads(line) for line in (study_dir / "data" / "eval_unused.jsonl").read_text().splitlines()]
+    studied = reproduce.build_data(study, tmp_path / "studied")
+    read_by_the_study = {d for name in ("scp", "instruct", "joint", "eval") for line in
+                         Path(studied[name]).read_text().splitlines() for d in json.loads(line)["docs"]}
+    assert len({row["docs"][0] for row in questions}) == 2 and not {row["docs"][0] for row in questions} & read_by_the_study
+    assert all(row["question"].startswith("What is the capital") for row in questions)
+    assert set(results["answers"]) == {"closed-book", "text", "cr2 stage 1"}
+    assert all(scores["examples"] == 2 for scores in results["answers"].values())
+    use = results["memory_use"]["cr2 stage 1"]
+    assert use["gap"] == pytest.approx(use["other_loss"] - use["own_loss"], abs=2e-4) and use["own_loss"] > 0
+    with pytest.raises(ValueError, match="has 2 passages it did not train on"):
+        unused_passages.main([f"--study_dir={study_dir}", "--passages=3"])
+    with pytest.raises(ValueError, match=r"has \['cr2 stage 1'\]"):
+        unused_passages.main([f"--study_dir={study_dir}", "--models", "cr2 stage 2"])
