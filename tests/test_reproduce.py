@@ -55,10 +55,10 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     stages = ("untrained", "stage 1", "stage 2", "stage 3")
     assert set(results["answers"]) == {"closed-book", "text RAG"} | {f"cr{r} {s}" for r in (4, 8) for s in stages}
     assert set(results["retrieved_answers"]) == {f"cr{r} {s}" for r in (4, 8) for s in ("stage 2", "stage 3")}
-    assert set(results["reconstruction"]) == {"cr2 stage 1", "cr8 stage 1"}
+    assert set(results["reconstruction"]) == {"cr4 stage 1", "cr8 stage 1"}
     assert {"random", "bm25"} <= set(results["retrieval"]["baselines"])
     assert {"cr8 stage-2 compressor as query reasoner", "cr8 stage-3 query reasoner"} <= set(results["retrieval"])
-    assert results["training"]["cr2 stage 1"]["steps"] == 3 and not results["skipped"]
+    assert results["training"]["cr4 stage 1"]["steps"] == 3 and not results["skipped"]
     assert results["training"]["cr4 stage 3"]["steps"] == 3
     assert learning_rates == {"SCPTrainer": {1e-3}, "InstructTrainer": {2e-4}, "JointTrainer": {3e-5}}
     for stage in stages:
