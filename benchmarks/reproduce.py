@@ -571,7 +571,6 @@ class Study:
         phases = {"untrained": self.untrained, "stage 1": self.stage_1, "stage 2": self.stage_2, "stage 3": self.stage_3}
         if not config.joint_epochs:
             del phases["stage 3"]
-        last_stage = list(phases)[-1]
         for index, rate in enumerate(config.rates):
             model, done = None, None
             for stage, measure in phases.items():
@@ -585,7 +584,7 @@ class Study:
                 if model is None:  # the first phase of this rate run here
                     model = self.model_after(rate, done)
                 measure(model, f"cr{rate}", first_rate=index == 0)
-                if stage not in ("untrained", last_stage):  # what a resumed run starts the next phase from
+                if stage != "untrained":  # what a resumed run starts from; the last for benchmarks/unused_passages.py
                     model.save_pretrained(self.checkpoint(rate, stage), save_base_model=False)
                 self.results["finished_phases"].append(phase)
                 self.save()

@@ -7,7 +7,7 @@ points). The train split's remaining passages were never read by any stage, so t
 the same. This script cuts them as the study cuts its passages (`--doc_max_length` tokens, dropping the QA pairs the
 cut made unanswerable), takes the first `questions_per_passage` questions of each, and measures, on the same
 questions: closed-book and text RAG (the bare base), and each saved model of the study (`model_after_stage1`,
-`model_after_stage2` of each rate): EM, token F1, cover, and the teacher-forced answer loss from the passage's own
+`_stage2`, `_stage3` of each rate): EM, token F1, cover, and the teacher-forced answer loss from the passage's own
 memories against another's (the study's `memory_use`). Results go to `<study>/unused_passages.json`.
 
     python benchmarks/unused_passages.py --study_dir runs/study --passages 300   # --help: the rest

@@ -160,9 +160,9 @@ def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one
         f"rate 4: {stage}" for stage in ("untrained", "stage 1", "stage 2", "stage 3")
     ]
     assert resumed["resumed_by"] == [""] and resumed["elapsed_s"] > saved["elapsed_s"]
-    # The models a resumed run starts from; the last phase's model is not saved.
+    # The models a resumed run starts from, and the last stage's.
     assert sorted(path.name for path in (tmp_path / "split" / "cr4").glob("model_after_*")) == [
-        "model_after_stage1", "model_after_stage2"
+        "model_after_stage1", "model_after_stage2", "model_after_stage3"
     ]
     assert "Resumed by: ``." in reproduce.write_docs(resumed, tmp_path / "docs").read_text()
     for part in ("answers", "retrieved_answers", "reconstruction", "memories", "memory_use", "retrieval", "training"):
