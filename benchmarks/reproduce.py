@@ -217,6 +217,12 @@ def question_answer_pairs(rows: list[dict], questions_per_passage: int | None = 
     ]
 
 
+def evaluation_rows(rows: list[dict], questions_per_passage: int) -> list[dict]:
+    """The k=1 evaluation rows of the SCP `rows`: each of the first `questions_per_passage` questions with its passage."""
+    return [{"question": q, "docs": rows[i]["docs"], "golden_answers": [a], "pos_index": [0]}
+            for i, q, a in question_answer_pairs(rows, questions_per_passage)]
+
+
 def with_hard_negatives(
     rows: list[dict], negatives: int, generator: random.Random, questions_per_passage: int | None = None
 ) -> list[dict]:
@@ -261,10 +267,7 @@ def build_data(config: StudyConfig, directory: Path) -> dict:
         scp += [reconstruction_row(replace(p, text=compressed_text(p.text, tokenizer, config.doc_max_length)))
                 for p in sample]
     instruct = [{"question": q, "docs": train[i]["docs"], "answer": a} for i, q, a in question_answer_pairs(train)]
-    evaluation = [
-        {"question": q, "docs": held_out[i]["docs"], "golden_answers": [a], "pos_index": [0]}
-        for i, q, a in question_answer_pairs(held_out, config.questions_per_passage)
-    ]
+    evaluation = evaluation_rows(held_out, config.questions_per_passage)
     retrieval = with_hard_negatives(held_out, config.negatives, random.Random(config.seed + 1), config.questions_per_passage)
     # Stage 3's rows: every train question among its passage and hard negatives from the other train passages. The
     # trainer never reads pos_index (it only logs Recall@k from it).

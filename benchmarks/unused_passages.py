@@ -25,9 +25,9 @@ from reproduce import (
     StudyConfig,
     answer_quality,
     cut_to_compressed_text,
+    evaluation_rows,
     held_out_answer_rows,
     memory_use,
-    question_answer_pairs,
     split_rows,
     text_use,
 )
@@ -68,8 +68,7 @@ def unused_questions(study: StudyConfig, count: int, path: Path) -> dict:
             f"--passages {count}: the study's train split has {len(unused)} passages it did not train on."
         )
     unused, counts = cut_to_compressed_text(unused, load_base_tokenizer(study.base), study.doc_max_length)
-    rows = [{"question": q, "docs": unused[i]["docs"], "golden_answers": [a], "pos_index": [0]}
-            for i, q, a in question_answer_pairs(unused, study.questions_per_passage)]
+    rows = evaluation_rows(unused, study.questions_per_passage)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return {"eval": str(path), "counts": {"passages": len(unused), "questions": len(rows), **counts}}
@@ -105,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     for index, (name, folder) in enumerate(models):
         model = ClaraForRAG.from_pretrained(folder, base_model=study.base).to(device).eval()
         if index == 0 and config.baselines:
-            for baseline in ("closed-book", "text"):
-                results["answers"][baseline] = answer_quality(model, study, data["eval"], baseline)
-                logger.info("%s: %s", baseline, results["answers"][baseline])
+            for name_in_report, baseline in (("closed-book", "closed-book"), ("text RAG", "text")):  # as the study names them
+                results["answers"][name_in_report] = answer_quality(model, study, data["eval"], baseline)
+                logger.info("%s: %s", name_in_report, results["answers"][name_in_report])
             results["memory_use"]["text RAG (the bare base reads the text)"] = text_use(
                 model, rows, study.eval_batch_size, study.max_length
             )
