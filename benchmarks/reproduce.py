@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -52,6 +53,16 @@ from trainers.data import validate_row
 ROOT = Path(__file__).resolve().parents[1]
 # Settings a resumed study may change: they decide where things go and when to stop, not what is measured.
 RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", "resume", "render_only"}
+# Settings that only a training stage and the stages after it depend on, in the order of the stages: a study started
+# from another (--start_from) may change them, and runs again from the first stage whose settings changed.
+STAGE_SETTINGS = {
+    "stage 1": {"scp_epochs", "learning_rate", "batch_size", "reconstruction", "prose_passages", "prose_source",
+                "prose_root"},
+    "stage 2": {"instruct_epochs", "instruct_learning_rate"},
+    "stage 3": {"joint_epochs", "joint_learning_rate"},
+}
+# The results' sections that phases write into; results["phase_results"] names what each finished phase wrote.
+MEASUREMENTS = ("answers", "retrieved_answers", "reconstruction", "memories", "memory_use", "retrieval", "training")
 
 logger = logging.getLogger("reproduce")
 
@@ -143,6 +154,13 @@ class StudyConfig:
         default=False,
         metadata={"help": "Go on from the last finished phase in --output_dir (same settings; the time budget counts "
                   "from this run's start)."},
+    )
+    start_from: str | None = field(
+        default=None,
+        metadata={"help": "Start from another study's --output_dir: keep its results and saved models of the phases "
+                  "before the first stage whose settings this run changes (stage 1: scp_epochs, learning_rate, "
+                  "batch_size, reconstruction, prose_*; stage 2: instruct_*; stage 3: joint_*) and run the rest. "
+                  "Every other setting must be the same."},
     )
     render_only: str | None = field(default=None, metadata={"help": "Only rewrite the docs from this results.json."})
 
@@ -499,20 +517,17 @@ class Study:
         self.started = time.perf_counter()
         self.results = {"settings": asdict(config), "command": command, "machine": machine_description(),
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "answers": {}, "retrieved_answers": {}, "reconstruction": {}, "memories": {},
-                        "memory_use": {}, "retrieval": {}, "training": {},
+                        **{section: {} for section in MEASUREMENTS}, "phase_results": {},
                         "skipped": [], "finished_phases": [], "elapsed_s": 0.0}
         self.elapsed_before = 0.0
         if config.resume:
             self.resume_results(command)
+        elif config.start_from:
+            self.start_from_study()
 
     def resume_results(self, command: str):
+        results = finished_results(self.output, "--resume", "run the study without --resume first")
         path = self.output / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: {path} does not exist; run the study without --resume first.")
-        results = json.loads(path.read_text())
-        if "finished_phases" not in results:
-            raise ValueError(f"--resume: {path} was written by an older version of the study, which cannot go on.")
         changed = sorted(
             key for key, value in asdict(self.config).items()
             if key not in RESUMABLE_SETTINGS and results["settings"].get(key) != value
@@ -523,8 +538,54 @@ class Study:
             logger.warning("Resuming on another machine: timings are not comparable.")
         results["resumed_by"] = [*results.get("resumed_by", []), command]
         results["skipped"] = []
+        results.setdefault("phase_results", {})  # written before --start_from: such a run cannot be started from
         self.results, self.elapsed_before = results, results["elapsed_s"]
         logger.info("Resuming after %s.", results["finished_phases"][-1] if results["finished_phases"] else "nothing")
+
+    def start_from_study(self):
+        """This study's results and models begin as a copy of those phases of --start_from's that its settings
+        leave unchanged; `run` does the rest."""
+        source = Path(self.config.start_from)
+        if source.resolve() == self.output.resolve():
+            raise ValueError(f"--start_from {source} is --output_dir; to go on in the same folder use --resume.")
+        results = finished_results(source, "--start_from", "run that study first")
+        unrecorded = [phase for phase in results["finished_phases"] if phase not in results.get("phase_results", {})]
+        if unrecorded:
+            raise ValueError(f"--start_from: {source} does not record which results its phases {unrecorded} wrote (it "
+                             "was written before --start_from existed); run that study again.")
+        changed = {key for key, value in asdict(self.config).items()
+                   if key not in RESUMABLE_SETTINGS | {"output_dir", "start_from"} and results["settings"].get(key) != value}
+        fixed = sorted(changed - set().union(*STAGE_SETTINGS.values()))
+        if fixed:
+            raise ValueError(f"--start_from: {source} was made with other settings of {fixed}, which every phase "
+                             f"depends on; only a stage's settings may change: {STAGE_SETTINGS}.")
+        rerun = [stage for stage, keys in STAGE_SETTINGS.items() if keys & changed][:1]
+        stages = ["untrained", *STAGE_SETTINGS]
+        kept = [phase for phase in results["finished_phases"]
+                if not rerun or stages.index(phase.split(": ")[1]) < stages.index(rerun[0])]
+        for phase in kept:
+            for section, key in results["phase_results"][phase]:
+                self.results[section][key] = results[section][key]
+            self.results["phase_results"][phase] = results["phase_results"][phase]
+            rate, stage = phase.removeprefix("rate ").split(": ")
+            if stage != "untrained":
+                shutil.copytree(source / f"cr{rate}" / f"model_after_{stage.replace(' ', '')}",
+                                self.checkpoint(int(rate), stage), dirs_exist_ok=True)
+        # What no phase wrote (the retrieval baselines) depends only on the settings that must be the same.
+        recorded = {(section, key) for keys in results["phase_results"].values() for section, key in keys}
+        for section in MEASUREMENTS:
+            for key, value in results[section].items():
+                if (section, key) not in recorded:
+                    self.results[section][key] = value
+        self.results["finished_phases"] = kept
+        self.results["started_from"] = {"study": str(source), "command": results["command"], "kept_phases": list(kept)}
+        if self.config.export_dir and f"rate {self.config.rates[0]}: stage 2" in kept:
+            logger.warning("--export_dir: stage 2 of rate %d is kept from --start_from and not run again, so nothing "
+                           "is exported.", self.config.rates[0])
+        logger.info("Starting from %s: keeping %s.", source, ", ".join(kept) or "nothing")
+
+    def measurement_keys(self) -> set[tuple[str, str]]:
+        return {(section, key) for section in MEASUREMENTS for key in self.results[section]}
 
     def save(self):
         self.results["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.started, 1)
@@ -586,9 +647,11 @@ class Study:
                     return self.results
                 if model is None:  # the first phase of this rate run here
                     model = self.model_after(rate, done)
+                before = self.measurement_keys()
                 measure(model, f"cr{rate}", first_rate=index == 0)
                 if stage != "untrained":  # what a resumed run starts from; the last for benchmarks/unused_passages.py
                     model.save_pretrained(self.checkpoint(rate, stage), save_base_model=False)
+                self.results["phase_results"][phase] = [list(key) for key in sorted(self.measurement_keys() - before)]
                 self.results["finished_phases"].append(phase)
                 self.save()
         return self.results
@@ -647,6 +710,17 @@ class Study:
         self.results["retrieved_answers"][f"{name} stage 3"] = answer_quality(model, config, data["retrieval"], "clara")
         self.results["answers"][f"{name} stage 3"] = answer_quality(model, config, data["eval"], "clara")
         self.results["memory_use"][f"{name} stage 3"] = held_out_memory_use(model, config, data)
+
+
+def finished_results(folder: Path, option: str, hint: str) -> dict:
+    """The results.json of a study that can go on (written by a version of the study that records its phases)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{option}: {path} does not exist; {hint}.")
+    results = json.loads(path.read_text())
+    if "finished_phases" not in results:
+        raise ValueError(f"{option}: {path} was written by an older version of the study, which cannot go on.")
+    return results
 
 
 def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str | None, results: dict) -> None:
@@ -742,6 +816,10 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
                      f"{stats['last_lm_loss']} |")
     if results["skipped"]:
         lines += ["", f"Skipped for the time budget: {', '.join(results['skipped'])}."]
+    if results.get("started_from"):
+        started = results["started_from"]
+        lines += ["", f"Started from `{started['study']}` (by `{started['command']}`), keeping its phases "
+                  f"{', '.join(started['kept_phases']) or 'none'}."]
     if results.get("resumed_by"):
         lines += ["", f"Resumed by: {'; '.join(f'`{command}`' for command in results['resumed_by'])}."]
     plots = write_plots(results, docs_dir)

@@ -124,17 +124,22 @@ def test_a_spent_time_budget_skips_the_remaining_phases(reproduce, tiny_base_dir
     assert results["skipped"] == ["rate 4: untrained"] and results["answers"] == {}
 
 
+def small_study(reproduce, tiny_base_dir, tmp_path, folder: str, **changes):
+    """The settings of a study of every phase on the tiny model, in tmp_path / folder."""
+    settings = dict(
+        data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, output_dir=str(tmp_path / folder),
+        docs_dir=str(tmp_path / "docs"), rates=[4], doc_max_length=48, held_out=3, negatives=2, scp_epochs=1,
+        instruct_epochs=1, joint_epochs=1, batch_size=4, max_new_tokens=3, reconstruction_tokens=4,
+        eval_batch_size=4, max_length=512,
+    )
+    return reproduce.StudyConfig(**settings | changes)
+
+
 def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one(
     reproduce, tiny_base_dir, tmp_path, monkeypatch
 ):
     def config(folder, **changes):
-        settings = dict(
-            data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, output_dir=str(tmp_path / folder),
-            docs_dir=str(tmp_path / "docs"), rates=[4], doc_max_length=48, held_out=3, negatives=2, scp_epochs=1,
-            instruct_epochs=1, joint_epochs=1, batch_size=4, max_new_tokens=3, reconstruction_tokens=4,
-            eval_batch_size=4, max_length=512,
-        )
-        return reproduce.StudyConfig(**settings | changes)
+        return small_study(reproduce, tiny_base_dir, tmp_path, folder, **changes)
 
     whole = reproduce.Study(config("whole")).run()
     train_stage = reproduce.train_stage
@@ -165,7 +170,8 @@ def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one
         "model_after_stage1", "model_after_stage2", "model_after_stage3"
     ]
     assert "Resumed by: ``." in reproduce.write_docs(resumed, tmp_path / "docs").read_text()
-    for part in ("answers", "retrieved_answers", "reconstruction", "memories", "memory_use", "retrieval", "training"):
+    assert resumed["phase_results"] == whole["phase_results"]
+    for part in reproduce.MEASUREMENTS:
         expected, actual = flat(whole[part]), flat(resumed[part])
         assert actual.keys() == expected.keys(), part
         for key, value in expected.items():
@@ -173,6 +179,57 @@ def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one
                 continue
             # Both runs compute the same on this machine; only the BLAS' float rounding may differ.
             assert actual[key] == (pytest.approx(value, abs=2e-4) if isinstance(value, float) else value), key
+
+
+def test_a_study_started_from_another_keeps_the_phases_its_changed_settings_leave_alone(
+    reproduce, tiny_base_dir, tmp_path, monkeypatch
+):
+    def config(folder, **changes):
+        return small_study(reproduce, tiny_base_dir, tmp_path, folder, **changes)
+
+    source = reproduce.Study(config("source")).run()
+    trained, train_stage = [], reproduce.train_stage
+
+    def recording_the_stage(trainer_class, config_class, model, settings, *args, **kwargs):
+        trained.append((trainer_class.__name__, settings["learning_rate"]))
+        return train_stage(trainer_class, config_class, model, settings, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "train_stage", recording_the_stage)
+    started = reproduce.Study(config("started", start_from=str(tmp_path / "source"), instruct_learning_rate=1e-3)).run()
+    kept = ["rate 4: untrained", "rate 4: stage 1"]
+    assert trained == [("InstructTrainer", 1e-3), ("JointTrainer", 1e-4)]
+    assert started["started_from"]["kept_phases"] == kept and started["finished_phases"] == source["finished_phases"]
+    assert started["phase_results"].keys() == source["phase_results"].keys()
+    for phase in kept:
+        assert started["phase_results"][phase] == source["phase_results"][phase]
+        for section, key in source["phase_results"][phase]:
+            assert started[section][key] == source[section][key], key
+    assert started["retrieval"]["baselines"] == source["retrieval"]["baselines"]
+    # The kept model is the source's; the stages run again start from it and differ from the source's.
+    files = {name: sorted((tmp_path / name / "cr4").glob("model_after_*/*.safetensors")) for name in ("source", "started")}
+    assert [path.name for path in files["source"]] == [path.name for path in files["started"]] != []
+    for source_file, started_file in zip(files["source"], files["started"]):
+        same = source_file.read_bytes() == started_file.read_bytes()
+        assert same == (source_file.parent.name == "model_after_stage1"), started_file
+    assert "Started from `" in reproduce.write_docs(started, tmp_path / "docs").read_text()
+
+    # Kept phases count as the study's own: a study started from it with nothing changed trains nothing.
+    trained.clear()
+    again = reproduce.Study(config("again", start_from=str(tmp_path / "started"), instruct_learning_rate=1e-3)).run()
+    assert trained == [] and again["started_from"]["kept_phases"] == source["finished_phases"]
+    assert all(again[part] == started[part] for part in reproduce.MEASUREMENTS)
+
+    with pytest.raises(ValueError, match=r"other settings of \['doc_max_length'\], which every phase depends on"):
+        reproduce.Study(config("other", start_from=str(tmp_path / "source"), doc_max_length=32))
+    with pytest.raises(FileNotFoundError, match="run that study first"):
+        reproduce.Study(config("other", start_from=str(tmp_path / "never_run")))
+    with pytest.raises(ValueError, match="use --resume"):
+        reproduce.Study(config("source", start_from=str(tmp_path / "source")))
+    older = {key: value for key, value in source.items() if key != "phase_results"}
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "results.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="written before --start_from existed"):
+        reproduce.Study(config("other", start_from=str(tmp_path / "older")))
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
