@@ -60,7 +60,7 @@ from transformers import HfArgumentParser, TrainerCallback
 
 from data_synthesis.prose import PROSE_SOURCES, check_prose_source, prose_passages, reconstruction_record
 from evaluation import METRIC_PATH
-from evaluation.harness import machine_description
+from evaluation.harness import default_device, machine_description
 from modeling_clara import ClaraForRAG, load_base_model
 from trainers import SCPConfig, SCPTrainer
 from trainers.collators import SCPCollator
@@ -209,7 +209,7 @@ def run(config: DiagnosisConfig) -> dict:
     prose = prose_chunks(config, tokenizer)
     results = {"settings": asdict(config), "machine": machine_description(), "chunks_available": len(train),
                "eval_chunks": len(held_out), "runs": []}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     for count in config.train_chunks:
         train_file = output / f"train_{count}.jsonl"
         train_file.write_text("".join(

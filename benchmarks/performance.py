@@ -42,7 +42,7 @@ import torch
 from transformers import HfArgumentParser, LogitsProcessorList, MistralConfig, MistralForCausalLM
 
 from clara_cli.demo import FirstTokenTimer, python_reference_corpus
-from evaluation.harness import machine_description
+from evaluation.harness import default_device, machine_description
 from modeling_clara import ClaraForRAG, MemoryBank, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def build_base(name: str, config: PerformanceConfig):
         base = MistralForCausalLM(shape).eval()
     else:
         raise ValueError(f"Unknown model {name!r}: smollm2, smollm2-narrow or mistral-shape.")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     return base.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32), tokenizer
 
 

@@ -44,7 +44,7 @@ from data_synthesis.prose import (
     reconstruction_row,
 )
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
-from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, machine_description
+from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, default_device, machine_description
 from modeling_clara import ClaraForRAG, cosine_scores, load_base_model, load_base_tokenizer
 from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer
 from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPCollator
@@ -610,7 +610,7 @@ class Study:
 
     @property
     def device(self) -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
 
     def checkpoint(self, rate: int, stage: str) -> Path:
         return self.output / f"cr{rate}" / f"model_after_{stage.replace(' ', '')}"

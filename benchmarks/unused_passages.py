@@ -20,7 +20,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from reproduce import (
     StudyConfig,
     answer_quality,
@@ -33,7 +32,7 @@ from reproduce import (
 )
 from transformers import HfArgumentParser
 
-from evaluation.harness import machine_description
+from evaluation.harness import default_device, machine_description
 from modeling_clara import ClaraForRAG, load_base_tokenizer
 from trainers.collators import InstructCollator
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(config.output or study_dir / "unused_passages.json")
     models = saved_models(study_dir, config.models)
     data = unused_questions(study, config.passages, study_dir / "data" / "eval_unused.jsonl")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     results = {"settings": asdict(config), "study": asdict(study), "machine": machine_description(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "data": data["counts"], "answers": {}, "memory_use": {}}

@@ -28,6 +28,7 @@ __all__ = [
     "METRIC_PATH",
     "bm25_rank",
     "bm25_rankings",
+    "default_device",
     "evaluate_model",
     "load_model",
     "machine_description",
@@ -345,6 +346,11 @@ def _writable_report_path(path: str) -> Path:
         if not os.access(file if file.exists() else file.parent, os.W_OK):
             raise PermissionError(f"Cannot write the report to {file}.")
     return output
+
+
+def default_device() -> str:
+    """Where the benchmarks and the study run: the GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def machine_description() -> dict:
