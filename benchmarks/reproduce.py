@@ -559,18 +559,21 @@ class Study:
         if fixed:
             raise ValueError(f"--start_from: {source} was made with other settings of {fixed}, which every phase "
                              f"depends on; only a stage's settings may change: {STAGE_SETTINGS}.")
-        rerun = [stage for stage, keys in STAGE_SETTINGS.items() if keys & changed][:1]
         stages = ["untrained", *STAGE_SETTINGS]
-        kept = [phase for phase in results["finished_phases"]
-                if not rerun or stages.index(phase.split(": ")[1]) < stages.index(rerun[0])]
-        for phase in kept:
+        first_rerun = min((stages.index(stage) for stage, keys in STAGE_SETTINGS.items() if keys & changed),
+                          default=len(stages))
+        kept = []
+        for phase in results["finished_phases"]:
+            rate, stage = phase.removeprefix("rate ").split(": ")
+            if stages.index(stage) >= first_rerun:
+                continue
             for section, key in results["phase_results"][phase]:
                 self.results[section][key] = results[section][key]
             self.results["phase_results"][phase] = results["phase_results"][phase]
-            rate, stage = phase.removeprefix("rate ").split(": ")
             if stage != "untrained":
-                shutil.copytree(source / f"cr{rate}" / f"model_after_{stage.replace(' ', '')}",
-                                self.checkpoint(int(rate), stage), dirs_exist_ok=True)
+                checkpoint = self.checkpoint(int(rate), stage)
+                shutil.copytree(source / checkpoint.relative_to(self.output), checkpoint, dirs_exist_ok=True)
+            kept.append(phase)
         # What no phase wrote (the retrieval baselines) depends only on the settings that must be the same.
         recorded = {(section, key) for keys in results["phase_results"].values() for section, key in keys}
         for section in MEASUREMENTS:
