@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one
 
 
 def test_a_study_started_from_another_keeps_the_phases_its_changed_settings_leave_alone(
-    reproduce, tiny_base_dir, tmp_path, monkeypatch
+    reproduce, tiny_base_dir, tmp_path, monkeypatch, caplog
 ):
     def config(folder, **changes):
         return small_study(reproduce, tiny_base_dir, tmp_path, folder, **changes)
@@ -215,8 +216,12 @@ def test_a_study_started_from_another_keeps_the_phases_its_changed_settings_leav
 
     # Kept phases count as the study's own: a study started from it with nothing changed trains nothing.
     trained.clear()
-    again = reproduce.Study(config("again", start_from=str(tmp_path / "started"), instruct_learning_rate=1e-3)).run()
+    with caplog.at_level(logging.WARNING, logger="reproduce"):
+        again = reproduce.Study(config(
+            "again", start_from=str(tmp_path / "started"), instruct_learning_rate=1e-3, export_dir=str(tmp_path / "export")
+        )).run()
     assert trained == [] and again["started_from"]["kept_phases"] == source["finished_phases"]
+    assert "nothing is exported" in caplog.text and not (tmp_path / "export").exists()
     assert all(again[part] == started[part] for part in reproduce.MEASUREMENTS)
 
     with pytest.raises(ValueError, match=r"other settings of \['doc_max_length'\], which every phase depends on"):
