@@ -11,6 +11,9 @@ questions: closed-book and text RAG (the bare base), and each saved model of the
 memories against another's (the study's `memory_use`). Results go to `<study>/unused_passages.json`.
 
     python benchmarks/unused_passages.py --study_dir runs/study --passages 300   # --help: the rest
+
+`--take last` asks about the train split's last passages instead of the first past `--train_passages`: the same
+questions for studies that trained on different numbers of passages.
 """
 
 import datetime
@@ -19,6 +22,7 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from reproduce import (
     StudyConfig,
@@ -38,34 +42,48 @@ from trainers.collators import InstructCollator
 
 logger = logging.getLogger("unused_passages")
 
+Take = Literal["first", "last"]
+
 
 @dataclass
 class UnusedPassagesConfig:
     study_dir: str = field(metadata={"help": "Output folder of a finished `benchmarks/reproduce.py` run."})
     passages: int = field(default=300, metadata={"help": "How many of the unused train-split passages to ask about."})
+    take: Take = field(
+        default="first",
+        metadata={"help": "Which of them: the 'first' past the study's --train_passages, or the train split's 'last' "
+                          "(the same passages for studies that differ in --train_passages)."},
+    )
     models: list[str] = field(
         default_factory=list,
         metadata={"help": "The saved models to measure, by the study's names (e.g. 'cr16 stage 2'); default: all."},
     )
     baselines: bool = field(default=True, metadata={"help": "Also measure closed-book and text RAG."})
-    output: str | None = field(default=None, metadata={"help": "Results file (default: <study_dir>/unused_passages.json)."})
+    output: str | None = field(
+        default=None,
+        metadata={"help": "Results file (default: <study_dir>/unused_passages.json; with --take last, "
+                          "unused_passages_last.json)."},
+    )
 
     def __post_init__(self):
         if self.passages < 2:
             raise ValueError(f"--passages must be >= 2 (memory use compares two passages), got {self.passages}.")
+        if self.take not in get_args(Take):
+            raise ValueError(f"--take must be one of {get_args(Take)}, got {self.take!r}.")
         if not (Path(self.study_dir) / "results.json").is_file():
             raise FileNotFoundError(f"No results.json in --study_dir {self.study_dir}: run benchmarks/reproduce.py first.")
 
 
-def unused_questions(study: StudyConfig, count: int, path: Path) -> dict:
-    """Writes the evaluation file of the first `count` train-split passages past the study's `train_passages`, cut
-    as the study cuts them; returns its path and counts."""
+def unused_questions(study: StudyConfig, count: int, take: Take, path: Path) -> dict:
+    """Writes the evaluation file of `count` train-split passages past the study's `train_passages` (the `first` of
+    them or the split's `last`), cut as the study cuts them; returns its path and counts."""
     train, _ = split_rows(study.data, study.held_out, study.seed)
-    unused = train[study.train_passages :][:count]
+    unused = train[study.train_passages :]
     if len(unused) < count:
         raise ValueError(
             f"--passages {count}: the study's train split has {len(unused)} passages it did not train on."
         )
+    unused = unused[:count] if take == "first" else unused[-count:]
     unused, counts = cut_to_compressed_text(unused, load_base_tokenizer(study.base), study.doc_max_length)
     rows = evaluation_rows(unused, study.questions_per_passage)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     (config,) = HfArgumentParser(UnusedPassagesConfig).parse_args_into_dataclasses(argv, return_remaining_strings=False)
     study_dir = Path(config.study_dir)
     study = StudyConfig(**json.loads((study_dir / "results.json").read_text())["settings"])
-    output = Path(config.output or study_dir / "unused_passages.json")
+    suffix = "" if config.take == "first" else f"_{config.take}"  # each choice its own files: none overwrites another
+    output = Path(config.output or study_dir / f"unused_passages{suffix}.json")
     models = saved_models(study_dir, config.models)
-    data = unused_questions(study, config.passages, study_dir / "data" / "eval_unused.jsonl")
+    data = unused_questions(study, config.passages, config.take, study_dir / "data" / f"eval_unused{suffix}.jsonl")
     device = default_device()
     results = {"settings": asdict(config), "study": asdict(study), "machine": machine_description(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -480,5 +480,20 @@ def test_a_study_is_measured_again_on_exactly_the_passages_it_never_read(reprodu
     assert use["gap"] == pytest.approx(use["other_loss"] - use["own_loss"], abs=2e-4) and use["own_loss"] > 0
     with pytest.raises(ValueError, match="has 2 passages it did not train on"):
         unused_passages.main([f"--study_dir={study_dir}", "--passages=3"])
+
+    # A study that trained on fewer passages asks, with --take last, the same questions as this one.
+    smaller_study_dir = tmp_path / "smaller_study"
+    shutil.copytree(study_dir / "cr2", smaller_study_dir / "cr2")
+    smaller = dataclasses.replace(study, train_passages=2, output_dir=str(smaller_study_dir))
+    (smaller_study_dir / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(smaller)}))
+    assert unused_passages.main([f"--study_dir={smaller_study_dir}", "--passages=2", "--take=last",
+                                 "--baselines=false"]) == 0
+    last_questions = [json.loads(line) for line in
+                      (smaller_study_dir / "data" / "eval_unused_last.jsonl").read_text().splitlines()]
+    assert last_questions == questions
+    assert json.loads((smaller_study_dir / "unused_passages_last.json").read_text())["settings"]["take"] == "last"
+    assert not (smaller_study_dir / "unused_passages.json").exists()
+    with pytest.raises(ValueError, match="--take must be one of"):
+        unused_passages.UnusedPassagesConfig(study_dir=str(study_dir), take="middle")
     with pytest.raises(ValueError, match=r"has \['cr2 stage 1'\]"):
         unused_passages.main([f"--study_dir={study_dir}", "--models", "cr2 stage 2"])
