@@ -13,7 +13,7 @@ memories against another's (the study's `memory_use`). Results go to `<study>/un
     python benchmarks/unused_passages.py --study_dir runs/study --passages 300   # --help: the rest
 
 `--take last` asks about the train split's last passages instead of the first past `--train_passages`: the same
-questions for studies that trained on different numbers of passages.
+questions for studies that trained on different numbers of passages (results in `unused_passages_last.json`).
 """
 
 import datetime
