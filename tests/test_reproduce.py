@@ -497,3 +497,47 @@ def test_a_study_is_measured_again_on_exactly_the_passages_it_never_read(reprodu
         unused_passages.UnusedPassagesConfig(study_dir=str(study_dir), take="middle")
     with pytest.raises(ValueError, match=r"has \['cr2 stage 1'\]"):
         unused_passages.main([f"--study_dir={study_dir}", "--models", "cr2 stage 2"])
+
+
+# ---------------------------------------------------------------- benchmarks/answer_length.py
+
+
+def test_cover_is_compared_at_the_same_answer_length(tmp_path, capsys):
+    answer_length = benchmark_using_the_study("answer_length")
+    questions = [("Who is the musician?", ["Guy Webster"]), ("When was it published?", ["2002", "in 2002"])]
+
+    def report(name, predictions, questions=questions):
+        path = tmp_path / f"{name}.json"
+        rows = [{"question": q, "answers": a, "prediction": p} for (q, a), p in zip(questions, predictions)]
+        path.write_text(json.dumps({"aggregate": {}, "predictions": rows}))
+        return f"{name}={path}"
+
+    sentences = report("sentences", ["The musician is Frank Sinatra and Guy Webster", "It was published in 2002"])
+    names = report("names", ["Guy Webster", "2004"])
+    output = tmp_path / "lengths.json"
+    assert answer_length.main(["--reports", sentences, names, "--words", "3", "5", f"--output={output}"]) == 0
+
+    results = json.loads(output.read_text())
+    long, short = results["reports"]["sentences"], results["reports"]["names"]
+    assert (long["mean_words"], short["mean_words"]) == (6.5, 1.5)
+    # F1: 2 of 7 words against "Guy Webster" (4/9), 2 of 5 against the alias "in 2002" (4/7).
+    assert long["whole answers"] == {"exact_match": 0.0, "f1": pytest.approx(50.79, abs=0.01), "cover": 100.0}
+    assert long["first 3 words"]["cover"] == 0.0 and long["first 5 words"]["cover"] == 50.0
+    assert short["whole answers"] == {"exact_match": 50.0, "f1": 50.0, "cover": 50.0}
+    # Cut to the names' lengths (2 and 1 words), the sentences cover nothing; the names are never longer.
+    assert results["cut_to_the_others_length"]["sentences cut to names"]["cover"] == 0.0
+    assert results["cut_to_the_others_length"]["names cut to sentences"] == short["whole answers"]
+    assert "| sentences | 6.5 | 0.0 | 50.79 | 100.0 | 0.0 | 50.0 |" in capsys.readouterr().out
+
+    elsewhere = report("elsewhere", ["Paris", "Paris"], [("Where?", ["Paris"])] * 2)
+    with pytest.raises(ValueError, match="do not hold the same questions"):
+        answer_length.main(["--reports", sentences, elsewhere])
+    (tmp_path / "aggregate_only.json").write_text(json.dumps({"aggregate": {"cover": 1.0}}))
+    with pytest.raises(ValueError, match="no per-example 'predictions'"):
+        answer_length.main(["--reports", f"bare={tmp_path / 'aggregate_only.json'}"])
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        answer_length.AnswerLengthConfig(reports=[str(output)])
+    with pytest.raises(ValueError, match="repeat"):
+        answer_length.AnswerLengthConfig(reports=[sentences, sentences])
+    with pytest.raises(ValueError, match="at least 1 word"):
+        answer_length.AnswerLengthConfig(reports=[sentences], words=[0])

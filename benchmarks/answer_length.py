@@ -1,0 +1,122 @@
+"""Cover against answer length: how much of a cover difference between systems is how long they answer.
+
+Cover counts an answer that holds every gold token anywhere in it, so it rewards long answers: a sentence naming
+several of a passage's people covers the question about one of them even when it names the wrong one as the
+answer. This reads `clara evaluate` reports of the same questions (their per-example predictions) and writes, for
+each report, the answers' length in words and EM, token F1 and cover with every answer cut to its first N words;
+and for each pair of reports, the first's scores with each of its answers cut to the length of the second's answer
+to the same question. The scores are the `clara_qa` metric's (the best over gold aliases).
+
+    python benchmarks/answer_length.py --reports "text RAG=text.json" "CLaRa=clara.json" --output lengths.json
+"""
+
+import datetime
+import json
+import logging
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from itertools import permutations
+from pathlib import Path
+
+import evaluate
+from transformers import HfArgumentParser
+
+from evaluation.harness import METRIC_PATH
+
+logger = logging.getLogger("answer_length")
+
+
+@dataclass
+class AnswerLengthConfig:
+    reports: list[str] = field(
+        metadata={"help": "NAME=PATH of each `clara evaluate` report to compare; all of the same questions."}
+    )
+    words: list[int] = field(
+        default_factory=lambda: [3, 5, 8, 12, 16], metadata={"help": "Cut every answer to its first N words."}
+    )
+    output: str | None = field(default=None, metadata={"help": "Write the results as JSON here too."})
+
+    def __post_init__(self):
+        malformed = [report for report in self.reports if "=" not in report or not report.split("=", 1)[0].strip()]
+        if malformed or not self.reports:
+            raise ValueError(f"--reports {malformed or self.reports}: name each report as NAME=PATH.")
+        names = [report.split("=", 1)[0].strip() for report in self.reports]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--reports: the names {names} repeat; each report needs its own.")
+        if any(words < 1 for words in self.words):
+            raise ValueError(f"--words {self.words}: an answer is cut to at least 1 word.")
+
+
+def cut(answer: str, words: int) -> str:
+    return " ".join(answer.split()[:words])
+
+
+def load_predictions(path: Path) -> list[dict]:
+    report = json.loads(path.read_text())
+    if not report.get("predictions"):
+        raise ValueError(f"{path}: no per-example 'predictions'; pass a report written by `clara evaluate --output`.")
+    return report["predictions"]
+
+
+def compare(reports: dict[str, list[dict]], words: list[int]) -> dict:
+    """Per report: answer length and scores at each cut; per ordered pair: the first cut to the second's lengths."""
+    names = list(reports)
+    questions = [example["question"] for example in reports[names[0]]]
+    for name in names[1:]:
+        if [example["question"] for example in reports[name]] != questions:
+            raise ValueError(f"Reports {names[0]!r} and {name!r} do not hold the same questions in the same order.")
+    metric = evaluate.load(str(METRIC_PATH))
+
+    def scores(answers: list[str], examples: list[dict]) -> dict[str, float]:
+        computed = metric.compute(predictions=answers, references=[example["answers"] for example in examples])
+        return {name: round(computed[name], 2) for name in ("exact_match", "f1", "cover")}
+
+    results = {"examples": len(questions), "reports": {}, "cut_to_the_others_length": {}}
+    for name, examples in reports.items():
+        answers = [example["prediction"] for example in examples]
+        lengths = [len(answer.split()) for answer in answers]
+        results["reports"][name] = {
+            "mean_words": round(statistics.mean(lengths), 2),
+            "median_words": statistics.median(lengths),
+            "whole answers": scores(answers, examples),
+            **{f"first {n} words": scores([cut(answer, n) for answer in answers], examples) for n in words},
+        }
+    for name, other in permutations(names, 2):
+        lengths = [len(example["prediction"].split()) for example in reports[other]]
+        answers = [cut(example["prediction"], n) for example, n in zip(reports[name], lengths)]
+        results["cut_to_the_others_length"][f"{name} cut to {other}"] = scores(answers, reports[name])
+    return results
+
+
+def markdown(results: dict) -> str:
+    cuts = [key for key in next(iter(results["reports"].values())) if key.startswith("first ")]
+    lines = ["| report | mean words | EM | token F1 | cover | " + " | ".join(f"cover, {c}" for c in cuts) + " |",
+             "|---|---|---|---|---|" + "---|" * len(cuts)]
+    for name, row in results["reports"].items():
+        whole = row["whole answers"]
+        lines.append(f"| {name} | {row['mean_words']} | {whole['exact_match']} | {whole['f1']} | {whole['cover']} | "
+                     + " | ".join(str(row[c]["cover"]) for c in cuts) + " |")
+    lines += ["", "| answers cut question by question to another report's length | EM | token F1 | cover |",
+              "|---|---|---|---|"]
+    lines += [f"| {pair} | {s['exact_match']} | {s['f1']} | {s['cover']} |"
+              for pair, s in results["cut_to_the_others_length"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (config,) = HfArgumentParser(AnswerLengthConfig).parse_args_into_dataclasses(argv, return_remaining_strings=False)
+    reports = {name.strip(): load_predictions(Path(path)) for name, path in (r.split("=", 1) for r in config.reports)}
+    results = compare(reports, config.words)
+    print(markdown(results))
+    if config.output:
+        results.update(settings=asdict(config),
+                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        Path(config.output).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        logger.info("Wrote %s.", config.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
