@@ -1,11 +1,12 @@
-"""Cover against answer length: how much of a cover difference between systems is how long they answer.
+"""Cover against answer length: how long each system answers, and what its cover is with answers cut short.
 
-Cover counts an answer that holds every gold token anywhere in it, so it rewards long answers: a sentence naming
-several of a passage's people covers the question about one of them even when it names the wrong one as the
-answer. This reads `clara evaluate` reports of the same questions (their per-example predictions) and writes, for
-each report, the answers' length in words and EM, token F1 and cover with every answer cut to its first N words;
-and for each pair of reports, the first's scores with each of its answers cut to the length of the second's answer
-to the same question. The scores are the `clara_qa` metric's (the best over gold aliases).
+Cover counts an answer that holds every gold token anywhere in it, so it favours long answers: a sentence that
+names several of a passage's people covers a question about one of them. This reads `clara evaluate` reports of the
+same examples (the same gold answers in the same order; the questions may differ, e.g. by an added instruction)
+and writes, for each, the answers' length in words and EM, token F1 and cover, whole and with every answer cut to
+its first N words. The scores are the `clara_qa` metric's (the best over gold aliases). Cutting from the start
+penalises answers that repeat the question before answering; asking the base for short answers is the fairer
+control (docs/diagnosis.md, Finding 21).
 
     python benchmarks/answer_length.py --reports "text RAG=text.json" "CLaRa=clara.json" --output lengths.json
 """
@@ -16,7 +17,6 @@ import logging
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
-from itertools import permutations
 from pathlib import Path
 
 import evaluate
@@ -30,7 +30,7 @@ logger = logging.getLogger("answer_length")
 @dataclass
 class AnswerLengthConfig:
     reports: list[str] = field(
-        metadata={"help": "NAME=PATH of each `clara evaluate` report to compare; all of the same questions."}
+        metadata={"help": "NAME=PATH of each `clara evaluate` report to compare; all of the same examples."}
     )
     words: list[int] = field(
         default_factory=lambda: [3, 5, 8, 12, 16], metadata={"help": "Cut every answer to its first N words."}
@@ -60,32 +60,28 @@ def load_predictions(path: Path) -> list[dict]:
 
 
 def compare(reports: dict[str, list[dict]], words: list[int]) -> dict:
-    """Per report: answer length and scores at each cut; per ordered pair: the first cut to the second's lengths."""
+    """Per report: the answers' length, and their scores whole and cut to each number of words."""
     names = list(reports)
-    questions = [example["question"] for example in reports[names[0]]]
+    gold = [example["answers"] for example in reports[names[0]]]
     for name in names[1:]:
-        if [example["question"] for example in reports[name]] != questions:
-            raise ValueError(f"Reports {names[0]!r} and {name!r} do not hold the same questions in the same order.")
+        if [example["answers"] for example in reports[name]] != gold:
+            raise ValueError(f"Reports {names[0]!r} and {name!r} do not hold the same examples in the same order.")
     metric = evaluate.load(str(METRIC_PATH))
 
-    def scores(answers: list[str], examples: list[dict]) -> dict[str, float]:
-        computed = metric.compute(predictions=answers, references=[example["answers"] for example in examples])
+    def scores(answers: list[str]) -> dict[str, float]:
+        computed = metric.compute(predictions=answers, references=gold)
         return {name: round(computed[name], 2) for name in ("exact_match", "f1", "cover")}
 
-    results = {"examples": len(questions), "reports": {}, "cut_to_the_others_length": {}}
+    results = {"examples": len(gold), "reports": {}}
     for name, examples in reports.items():
         answers = [example["prediction"] for example in examples]
         lengths = [len(answer.split()) for answer in answers]
         results["reports"][name] = {
             "mean_words": round(statistics.mean(lengths), 2),
             "median_words": statistics.median(lengths),
-            "whole answers": scores(answers, examples),
-            **{f"first {n} words": scores([cut(answer, n) for answer in answers], examples) for n in words},
+            "whole answers": scores(answers),
+            **{f"first {n} words": scores([cut(answer, n) for answer in answers]) for n in words},
         }
-    for name, other in permutations(names, 2):
-        lengths = [len(example["prediction"].split()) for example in reports[other]]
-        answers = [cut(example["prediction"], n) for example, n in zip(reports[name], lengths)]
-        results["cut_to_the_others_length"][f"{name} cut to {other}"] = scores(answers, reports[name])
     return results
 
 
@@ -97,10 +93,6 @@ def markdown(results: dict) -> str:
         whole = row["whole answers"]
         lines.append(f"| {name} | {row['mean_words']} | {whole['exact_match']} | {whole['f1']} | {whole['cover']} | "
                      + " | ".join(str(row[c]["cover"]) for c in cuts) + " |")
-    lines += ["", "| answers cut question by question to another report's length | EM | token F1 | cover |",
-              "|---|---|---|---|"]
-    lines += [f"| {pair} | {s['exact_match']} | {s['f1']} | {s['cover']} |"
-              for pair, s in results["cut_to_the_others_length"].items()]
     return "\n".join(lines)
 
 
