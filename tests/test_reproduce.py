@@ -502,7 +502,7 @@ def test_a_study_is_measured_again_on_exactly_the_passages_it_never_read(reprodu
 # ---------------------------------------------------------------- benchmarks/answer_length.py
 
 
-def test_cover_is_compared_at_the_same_answer_length(tmp_path, capsys):
+def test_answer_lengths_and_the_cover_of_answers_cut_short(tmp_path, capsys):
     answer_length = benchmark_using_the_study("answer_length")
     questions = [("Who is the musician?", ["Guy Webster"]), ("When was it published?", ["2002", "in 2002"])]
 
