@@ -41,11 +41,13 @@ class AnswerLengthConfig:
         malformed = [report for report in self.reports if "=" not in report or not report.split("=", 1)[0].strip()]
         if malformed or not self.reports:
             raise ValueError(f"--reports {malformed or self.reports}: name each report as NAME=PATH.")
-        names = [report.split("=", 1)[0].strip() for report in self.reports]
-        if len(set(names)) < len(names):
-            raise ValueError(f"--reports: the names {names} repeat; each report needs its own.")
+        if len(self.named_reports()) < len(self.reports):
+            raise ValueError(f"--reports {self.reports}: a name repeats; each report needs its own.")
         if any(words < 1 for words in self.words):
             raise ValueError(f"--words {self.words}: an answer is cut to at least 1 word.")
+
+    def named_reports(self) -> dict[str, Path]:
+        return {name.strip(): Path(path) for name, path in (report.split("=", 1) for report in self.reports)}
 
 
 def cut(answer: str, words: int) -> str:
@@ -99,7 +101,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = HfArgumentParser(AnswerLengthConfig).parse_args_into_dataclasses(argv, return_remaining_strings=False)
-    reports = {name.strip(): load_predictions(Path(path)) for name, path in (r.split("=", 1) for r in config.reports)}
+    reports = {name: load_predictions(path) for name, path in config.named_reports().items()}
     results = compare(reports, config.words)
     print(markdown(results))
     if config.output:

@@ -538,7 +538,7 @@ def test_answer_lengths_and_the_cover_of_answers_cut_short(tmp_path, capsys):
         answer_length.main(["--reports", f"bare={tmp_path / 'aggregate_only.json'}"])
     with pytest.raises(ValueError, match="NAME=PATH"):
         answer_length.AnswerLengthConfig(reports=[str(output)])
-    with pytest.raises(ValueError, match="repeat"):
+    with pytest.raises(ValueError, match="a name repeats"):
         answer_length.AnswerLengthConfig(reports=[sentences, sentences])
     with pytest.raises(ValueError, match="at least 1 word"):
         answer_length.AnswerLengthConfig(reports=[sentences], words=[0])
