@@ -45,7 +45,7 @@ from data_synthesis.prose import (
 )
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
 from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, default_device, machine_description
-from modeling_clara import ClaraForRAG, cosine_scores, load_base_model, load_base_tokenizer
+from modeling_clara import ClaraForRAG, compressed_text, cosine_scores, load_base_model, load_base_tokenizer
 from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer
 from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPCollator
 from trainers.data import validate_row
@@ -58,7 +58,7 @@ RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", 
 STAGE_SETTINGS = {
     "stage 1": {"scp_epochs", "learning_rate", "batch_size", "reconstruction", "prose_passages", "prose_source",
                 "prose_root"},
-    "stage 2": {"instruct_epochs", "instruct_learning_rate"},
+    "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size"},
     "stage 3": {"joint_epochs", "joint_learning_rate"},
 }
 # The results' sections that phases write into; results["phase_results"] names what each finished phase wrote.
@@ -97,6 +97,9 @@ class StudyConfig:
         default=32,
         metadata={"help": "Training rows per step (on a GPU a small model's step is bound by the host's work per step, "
                   "not by the rows: docs/diagnosis.md, Finding 13)."},
+    )
+    instruct_batch_size: int | None = field(
+        default=None, metadata={"help": "Stage-2 rows per step (default: --batch_size)."}
     )
     learning_rate: float = field(
         default=2e-3,
@@ -167,6 +170,8 @@ class StudyConfig:
     def __post_init__(self):
         if self.prose_passages < 0:
             raise ValueError(f"--prose_passages must be >= 0, got {self.prose_passages}.")
+        if self.instruct_batch_size is not None and self.instruct_batch_size < 1:
+            raise ValueError(f"--instruct_batch_size must be >= 1, got {self.instruct_batch_size}.")
         check_prose_source(self.prose_source, "--prose_source")
         if self.quick:
             self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
@@ -185,23 +190,6 @@ def split_rows(data: str, held_out: int, seed: int) -> tuple[list[dict], list[di
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in order[held_out:]], [rows[i] for i in order[:held_out]]
-
-
-def compressed_text(passage: str, tokenizer, max_tokens: int) -> str:
-    """The part of `passage` the compressor reads: its first `max_tokens` tokens, as the processor tokenizes it."""
-    def encode(text: str) -> dict:
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-
-    offsets = encode(passage)["offset_mapping"]
-    if len(offsets) <= max_tokens:
-        return passage
-    # A cut inside a character that byte-level BPE spells with several tokens keeps the whole character, which may
-    # take more tokens than were cut: then cut a token earlier.
-    for count in range(max_tokens, 0, -1):
-        text = passage[: offsets[count - 1][1]].rstrip()
-        if len(encode(text)["input_ids"]) <= max_tokens:
-            break
-    return text
 
 
 def words(text: str) -> set[str]:
@@ -482,9 +470,11 @@ def retrieval_baselines(config: StudyConfig, data: dict) -> dict:
 # ---------------------------------------------------------------- training
 
 
-def training_settings(config: StudyConfig, directory: Path, epochs: float, learning_rate: float) -> dict:
+def training_settings(
+    config: StudyConfig, directory: Path, epochs: float, learning_rate: float, batch_size: int | None = None
+) -> dict:
     return dict(
-        output_dir=str(directory), num_train_epochs=epochs, per_device_train_batch_size=config.batch_size,
+        output_dir=str(directory), num_train_epochs=epochs, per_device_train_batch_size=config.batch_size if batch_size is None else batch_size,
         gradient_accumulation_steps=1, learning_rate=learning_rate, warmup_steps=0.03, logging_steps=10,
         save_strategy="no", report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
         max_length=config.max_length, disable_tqdm=True, dataloader_num_workers=0,
@@ -564,14 +554,14 @@ class Study:
                           default=len(stages))
         kept = []
         for phase in results["finished_phases"]:
-            rate, stage = phase.removeprefix("rate ").split(": ")
+            rate, stage = rate_and_stage(phase)
             if stages.index(stage) >= first_rerun:
                 continue
             for section, key in results["phase_results"][phase]:
                 self.results[section][key] = results[section][key]
             self.results["phase_results"][phase] = results["phase_results"][phase]
             if stage != "untrained":
-                checkpoint = self.checkpoint(int(rate), stage)
+                checkpoint = self.checkpoint(rate, stage)
                 shutil.copytree(source / checkpoint.relative_to(self.output), checkpoint, dirs_exist_ok=True)
             kept.append(phase)
         # What no phase wrote (the retrieval baselines) depends only on the settings that must be the same.
@@ -582,9 +572,6 @@ class Study:
                     self.results[section][key] = value
         self.results["finished_phases"] = kept
         self.results["started_from"] = {"study": str(source), "command": results["command"], "kept_phases": list(kept)}
-        if self.config.export_dir and f"rate {self.config.rates[0]}: stage 2" in kept:
-            logger.warning("--export_dir: stage 2 of rate %d is kept from --start_from and not run again, so nothing "
-                           "is exported.", self.config.rates[0])
         logger.info("Starting from %s: keeping %s.", source, ", ".join(kept) or "nothing")
 
     def measurement_keys(self) -> set[tuple[str, str]]:
@@ -635,13 +622,18 @@ class Study:
         if "baselines" not in self.results["retrieval"]:
             self.results["retrieval"]["baselines"] = retrieval_baselines(config, self.data)
         self.save()
+        first_stage_2 = phase_name(config.rates[0], "stage 2")
+        if config.export_dir and first_stage_2 in self.results.get("started_from", {}).get("kept_phases", []):
+            # stage_2 exports; a kept stage 2 is not run again, so its saved model is exported here.
+            export_checkpoint(self.model_after(config.rates[0], "stage 2"), Path(config.export_dir), config.export_base,
+                              self.results)
         phases = {"untrained": self.untrained, "stage 1": self.stage_1, "stage 2": self.stage_2, "stage 3": self.stage_3}
         if not config.joint_epochs:
             del phases["stage 3"]
         for index, rate in enumerate(config.rates):
             model, done = None, None
             for stage, measure in phases.items():
-                phase = f"rate {rate}: {stage}"
+                phase = phase_name(rate, stage)
                 if phase in self.results["finished_phases"]:
                     done = stage
                     continue
@@ -685,7 +677,8 @@ class Study:
     def stage_2(self, model: ClaraForRAG, name: str, first_rate: bool):
         config, data = self.config, self.data
         settings = training_settings(
-            config, self.output / name / "instruct", config.instruct_epochs, config.instruct_learning_rate
+            config, self.output / name / "instruct", config.instruct_epochs, config.instruct_learning_rate,
+            config.instruct_batch_size,
         )
         self.results["training"][f"{name} stage 2"] = train_stage(
             InstructTrainer, InstructConfig, model, settings, data["instruct"], generator_init="keep"
@@ -715,6 +708,17 @@ class Study:
         self.results["memory_use"][f"{name} stage 3"] = held_out_memory_use(model, config, data)
 
 
+def phase_name(rate: int, stage: str) -> str:
+    """How the results name a phase (`finished_phases`, `phase_results`, `skipped`): "rate 16: stage 2"."""
+    return f"rate {rate}: {stage}"
+
+
+def rate_and_stage(phase: str) -> tuple[int, str]:
+    """`phase_name`'s rate and stage."""
+    rate, stage = phase.removeprefix("rate ").split(": ")
+    return int(rate), stage
+
+
 def finished_results(folder: Path, option: str, hint: str) -> dict:
     """The results.json of a study that can go on (written by a version of the study that records its phases)."""
     path = folder / "results.json"
@@ -738,6 +742,11 @@ def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str |
 
 
 # ---------------------------------------------------------------- report
+
+
+def stage_2_batch_note(settings: dict) -> str:
+    batch = settings.get("instruct_batch_size")  # runs made before --instruct_batch_size used --batch_size
+    return f" (batch {batch})" if batch and batch != settings["batch_size"] else ""
 
 
 def passages_note(settings: dict, counts: dict) -> str:
@@ -771,7 +780,8 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         f"{settings['negatives']} BM25 hard negatives, no relevance labels, the generator reading the query "
         f"reasoner's top 1, {settings['joint_epochs']} epochs at lr {settings['joint_learning_rate']}; batch "
         f"{settings['batch_size']}, lr {settings['learning_rate']} in stage 1 and "
-        f"{settings.get('instruct_learning_rate', settings['learning_rate'])} in stage 2; memories "
+        f"{settings.get('instruct_learning_rate', settings['learning_rate'])} in stage 2"
+        f"{stage_2_batch_note(settings)}; memories "
         f"{'centred over documents' if settings.get('center_memories') else 'as they are (not centred)'}.",
         "",
         "## Answers on held-out questions, the generator reading only the question's own passage (k=1)",

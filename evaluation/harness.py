@@ -19,7 +19,15 @@ from typing import Literal, get_args
 
 import torch
 
-from modeling_clara import EMBEDDED_BASE_MODEL, ClaraConfig, ClaraForRAG, MemoryBank, cosine_scores, load_base_model
+from modeling_clara import (
+    EMBEDDED_BASE_MODEL,
+    ClaraConfig,
+    ClaraForRAG,
+    MemoryBank,
+    compressed_text,
+    cosine_scores,
+    load_base_model,
+)
 from trainers.data import load_rows
 
 __all__ = [
@@ -97,6 +105,11 @@ class EvaluationConfig:
     skip_malformed_rows: bool = field(default=False, metadata={"help": "Skip and count malformed rows."})
     seed: int = field(default=42, metadata={"help": "Seed (the untrained default's new adapters)."})
     merge_generator: bool = field(default=True, metadata={"help": MERGE_GENERATOR_HELP})
+    cut_text_documents: bool = field(
+        default=False,
+        metadata={"help": "With --baseline text: the base reads each document cut to the doc_max_length tokens the "
+                  "compressor reads, the text CLaRa compresses (default: whole documents)."},
+    )
 
     def __post_init__(self):
         if self.baseline not in get_args(Baseline):
@@ -110,6 +123,8 @@ class EvaluationConfig:
             raise ValueError("batch_size and max_new_tokens must be >= 1.")
         if self.bank is not None and self.baseline != "clara":
             raise ValueError(f"--bank is the corpus of the clara baseline, not of {self.baseline!r}.")
+        if self.cut_text_documents and self.baseline != "text":
+            raise ValueError(f"--cut_text_documents is for --baseline text, not {self.baseline!r}.")
 
 
 def load_model(name: str, seed: int = 42) -> ClaraForRAG:
@@ -242,11 +257,16 @@ def evaluate_model(config: EvaluationConfig, model: ClaraForRAG | None = None, s
         raise ValueError(f"k={k} but {len(too_few)} row(s) have fewer candidates (first: row {too_few[0]}).")
     dense = DenseRanker() if config.baseline == "dense" else None
     longer = _documents_longer_than_compressed(model, rows) if config.baseline == "text" else None
-    if longer:
+    if longer and config.cut_text_documents:
+        tokenizer, length = model.processor.tokenizer, model.config.doc_max_length
+        cut = [[compressed_text(document, tokenizer, length) for document in row] for row in rows["documents"]]
+        rows = rows.remove_columns("documents").add_column("documents", cut)
+        logger.info("Cut %d candidate documents to the %d tokens the compressor reads.", longer, length)
+    elif longer:
         logger.warning(
             "%d candidate documents are longer than the %d tokens the compressor reads: text RAG reads them whole, "
-            "CLaRa their first %d tokens. Cut them to that length (as benchmarks/reproduce.py does) to compare the two "
-            "on the same text.", longer, model.config.doc_max_length, model.config.doc_max_length,
+            "CLaRa their first %d tokens. Pass --cut_text_documents to compare the two on the same text.",
+            longer, model.config.doc_max_length, model.config.doc_max_length,
         )
 
     merged_here = config.baseline == "clara" and config.merge_generator and "generator" not in model.merged_adapters

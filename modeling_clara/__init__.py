@@ -11,7 +11,7 @@ from .base_models import EMBEDDED_BASE_MODEL, load_base_model, load_base_tokeniz
 from .configuration_clara import TRAINING_STAGES, ClaraConfig, TrainingStage
 from .memory_bank import MemoryBank
 from .modeling_clara import ClaraForRAG, ClaraOutput, ClaraPreTrainedModel, cosine_scores, differentiable_topk
-from .processing_clara import ClaraProcessor
+from .processing_clara import ClaraProcessor, compressed_text
 
 AutoConfig.register("clara", ClaraConfig, exist_ok=True)
 AutoModel.register(ClaraConfig, ClaraForRAG, exist_ok=True)
@@ -30,6 +30,7 @@ __all__ = [
     "ClaraProcessor",
     "MemoryBank",
     "TrainingStage",
+    "compressed_text",
     "cosine_scores",
     "differentiable_topk",
     "load_base_model",

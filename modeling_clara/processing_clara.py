@@ -306,6 +306,24 @@ class ClaraProcessor(ProcessorMixin):
         return [text.strip() for text in self.tokenizer.batch_decode(token_ids, **kwargs)]
 
 
+def compressed_text(text: str, tokenizer, max_tokens: int) -> str:
+    """The part of `text` the compressor reads: its first `max_tokens` tokens as `ClaraProcessor` tokenizes it (special
+    tokens split), as text. A text RAG baseline given this reads exactly what CLaRa compresses."""
+    def encode(part: str) -> dict:
+        return tokenizer(part, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+
+    offsets = encode(text)["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return text
+    # A cut inside a character that byte-level BPE spells with several tokens keeps the whole character, which may
+    # take more tokens than were cut: then cut a token earlier.
+    for count in range(max_tokens, 0, -1):
+        cut = text[: offsets[count - 1][1]].rstrip()
+        if len(encode(cut)["input_ids"]) <= max_tokens:
+            break
+    return cut
+
+
 def check_texts(texts: Sequence[str], kind: str) -> None:
     """Raises a `ValueError` naming the problem unless `texts` is a non-empty list of non-empty strings."""
     if isinstance(texts, str):
@@ -330,4 +348,4 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-__all__ = ["ClaraProcessor", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_USER_PROMPT_TEMPLATE"]
+__all__ = ["ClaraProcessor", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_USER_PROMPT_TEMPLATE", "compressed_text"]

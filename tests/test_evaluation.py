@@ -10,7 +10,7 @@ import torch
 
 from clara_cli.main import main
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, harness, load_model, retrieval_metrics
-from modeling_clara import ClaraForRAG
+from modeling_clara import ClaraForRAG, compressed_text
 from testing_utils import DOCUMENTS, randomize_adapters, write_jsonl
 from trainers import MalformedRowError
 
@@ -112,6 +112,28 @@ def test_oracle_setting_puts_the_gold_documents_first(llama_clara, eval_file, ca
     longer = sum(length > llama_clara.config.doc_max_length for length in lengths)
     assert 0 < longer < len(documents) and report["documents_longer_than_doc_max_length"] == longer
     assert f"{longer} candidate documents are longer than the 16 tokens" in caplog.text
+
+
+def test_the_text_baseline_can_read_what_the_compressor_reads(llama_clara, eval_file, monkeypatch, caplog):
+    read, generate = [], llama_clara.generate_from_text
+
+    def recording_the_texts(questions, documents, **kwargs):
+        read.extend(documents)
+        return generate(questions, documents, **kwargs)
+
+    monkeypatch.setattr(llama_clara, "generate_from_text", recording_the_texts)
+    config = EvaluationConfig(
+        model="tiny", data=eval_file, k=2, setting="oracle", baseline="text", max_new_tokens=2, cut_text_documents=True
+    )
+    report = evaluate_model(config, model=llama_clara, show_progress=False)
+    tokenizer, length = llama_clara.processor.tokenizer, llama_clara.config.doc_max_length
+    expected = [[compressed_text(row["docs"][i], tokenizer, length) for i in p["selected"]]
+                for row, p in zip(eval_rows(), report["predictions"])]
+    assert read == expected and report["documents_longer_than_doc_max_length"] > 0
+    assert any(text not in row["docs"] for texts, row in zip(read, eval_rows()) for text in texts)
+    assert "longer than the 16 tokens" not in caplog.text
+    with pytest.raises(ValueError, match="--cut_text_documents is for --baseline text, not 'clara'"):
+        EvaluationConfig(model="tiny", data=eval_file, cut_text_documents=True)
 
 
 def test_bm25_ranks_the_document_sharing_the_question_words_first(tmp_path):

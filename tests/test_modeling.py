@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from modeling_clara import ClaraForRAG, cosine_scores, differentiable_topk
+from modeling_clara import ClaraForRAG, compressed_text, cosine_scores, differentiable_topk
 from testing_utils import DOCUMENTS, build_base
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
@@ -85,6 +85,22 @@ def test_long_documents_are_truncated_and_counted(clara, caplog):
         batch = clara.processor.tokenize_for_compression([long_document, "Paris"])
     assert batch["attention_mask"][0].sum() == 1 + clara.config.doc_max_length + clara.config.num_memory_tokens
     assert "1 of 2 documents were longer than doc_max_length=16" in caplog.text
+
+
+def test_compressed_text_is_the_text_the_compressor_reads(clara):
+    tokenizer, length = clara.processor.tokenizer, clara.config.doc_max_length
+    passage = "Zorland is a country. Its capital is Quvi. Its flag is blue, and its river is the long Ebrin."
+    assert len(tokenizer(passage, add_special_tokens=False)["input_ids"]) > length
+    cut = compressed_text(passage, tokenizer, length)
+    assert passage.startswith(cut) and len(cut) < len(passage)
+    whole_input, cut_input = (clara.processor.tokenize_for_compression([text]) for text in (passage, cut))
+    assert torch.equal(whole_input["input_ids"], cut_input["input_ids"])
+    assert compressed_text(passage, tokenizer, 1000) == passage
+    # Characters that take several byte-level tokens: the cut keeps whole characters and never exceeds the length.
+    spelled = "Kushiro 雄別鉄道 and 🇱🇾 Libya"
+    for tokens in range(1, len(tokenizer(spelled, add_special_tokens=False)["input_ids"]) + 1):
+        cut = compressed_text(spelled, tokenizer, tokens)
+        assert spelled.startswith(cut) and len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= tokens
 
 
 # ---------------------------------------------------------------- compression

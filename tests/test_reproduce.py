@@ -3,7 +3,6 @@
 import dataclasses
 import importlib.util
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -45,7 +44,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
         "data": scp_file(tmp_path / "scp.jsonl"), "base": tiny_base_dir, "output_dir": tmp_path / "run",
         "docs_dir": tmp_path / "docs", "export_dir": tmp_path / "export", "doc_max_length": 48, "held_out": 3,
         "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "joint_epochs": 1, "batch_size": 4,
-        "max_new_tokens": 3, "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
+        "instruct_batch_size": 2, "max_new_tokens": 3, "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
         "learning_rate": 1e-3, "instruct_learning_rate": 2e-4, "joint_learning_rate": 3e-5,
     }
     arguments = [f"--{key}={value}" for key, value in settings.items()] + ["--rates", "4", "8"]
@@ -60,7 +59,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert {"random", "bm25"} <= set(results["retrieval"]["baselines"])
     assert {"cr8 stage-2 compressor as query reasoner", "cr8 stage-3 query reasoner"} <= set(results["retrieval"])
     assert results["training"]["cr4 stage 1"]["steps"] == 3 and not results["skipped"]
-    assert results["training"]["cr4 stage 3"]["steps"] == 3
+    assert results["training"]["cr4 stage 2"]["steps"] == 5 and results["training"]["cr4 stage 3"]["steps"] == 3
     assert learning_rates == {"SCPTrainer": {1e-3}, "InstructTrainer": {2e-4}, "JointTrainer": {3e-5}}
     for stage in stages:
         use = results["memory_use"][f"cr8 {stage}"]
@@ -69,7 +68,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert stats["memory_rms"] > 0 and -1 <= stats["mean_pairwise_cosine"] <= 1
     report = (tmp_path / "docs" / "reproduction.md").read_text()
     assert "| cr8 stage 3 |" in report and "Recall@1" in report and "answers: own" in report
-    assert "memories centred over documents" in report and "lr 0.001 in stage 1 and 0.0002 in stage 2" in report
+    assert "memories centred over documents" in report and "lr 0.001 in stage 1 and 0.0002 in stage 2 (batch 2)" in report
     assert "passages cut to the 48 tokens the compressor reads (0 were longer; 0 QA pairs" in report
     # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
     exported = tmp_path / "export"
@@ -183,7 +182,7 @@ def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one
 
 
 def test_a_study_started_from_another_keeps_the_phases_its_changed_settings_leave_alone(
-    reproduce, tiny_base_dir, tmp_path, monkeypatch, caplog
+    reproduce, tiny_base_dir, tmp_path, monkeypatch
 ):
     def config(folder, **changes):
         return small_study(reproduce, tiny_base_dir, tmp_path, folder, **changes)
@@ -216,12 +215,15 @@ def test_a_study_started_from_another_keeps_the_phases_its_changed_settings_leav
 
     # Kept phases count as the study's own: a study started from it with nothing changed trains nothing.
     trained.clear()
-    with caplog.at_level(logging.WARNING, logger="reproduce"):
-        again = reproduce.Study(config(
-            "again", start_from=str(tmp_path / "started"), instruct_learning_rate=1e-3, export_dir=str(tmp_path / "export")
-        )).run()
+    again = reproduce.Study(config(
+        "again", start_from=str(tmp_path / "started"), instruct_learning_rate=1e-3, export_dir=str(tmp_path / "export")
+    )).run()
     assert trained == [] and again["started_from"]["kept_phases"] == source["finished_phases"]
-    assert "nothing is exported" in caplog.text and not (tmp_path / "export").exists()
+    # --export_dir exports the kept stage-2 model, as a study that ran stage 2 would have.
+    exported = load_file(tmp_path / "export" / "clara_adapters.safetensors")
+    kept_stage_2 = load_file(tmp_path / "again" / "cr4" / "model_after_stage2" / "clara_adapters.safetensors")
+    assert exported.keys() and exported.keys() <= kept_stage_2.keys()
+    assert all(torch.equal(value, kept_stage_2[key].to(torch.bfloat16)) for key, value in exported.items())
     assert all(again[part] == started[part] for part in reproduce.MEASUREMENTS)
 
     with pytest.raises(ValueError, match=r"other settings of \['doc_max_length'\], which every phase depends on"):
@@ -359,13 +361,6 @@ def test_a_cut_drops_exactly_the_questions_whose_answer_words_it_removed(reprodu
     passage = "Zorland is a country. Its capital is Quvi. Its flag is blue."
     kept = "Zorland is a country. Its capital is Quvi."
     length = len(tokenizer(kept, add_special_tokens=False)["input_ids"])
-    assert reproduce.compressed_text(passage, tokenizer, length) == kept
-    assert reproduce.compressed_text(passage, tokenizer, 1000) == passage
-    # Characters that take several byte-level tokens: the cut keeps whole characters and never exceeds the length.
-    spelled = "Kushiro 雄別鉄道 and 🇱🇾 Libya"
-    for tokens in range(1, len(tokenizer(spelled, add_special_tokens=False)["input_ids"]) + 1):
-        cut = reproduce.compressed_text(spelled, tokenizer, tokens)
-        assert spelled.startswith(cut) and len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= tokens
     row = {"question": ["Capital?", "Colour?", "Capital and colour?", "What is Zorland?"],
            "answers": ["Quvi", "blue", "Quvi, blue", "a sovereign nation"], "docs": [passage]}
     (cut,), counts = reproduce.cut_to_compressed_text([row], tokenizer, length)
@@ -403,6 +398,8 @@ def test_the_study_adds_prose_to_stage_1_when_asked(reproduce, tiny_base_dir, tm
                              tmp_path / "missing")
     with pytest.raises(ValueError, match="--prose_passages must be >= 0"):
         reproduce.StudyConfig(prose_passages=-1)
+    with pytest.raises(ValueError, match="--instruct_batch_size must be >= 1"):
+        reproduce.StudyConfig(instruct_batch_size=0)
     with pytest.raises(ValueError, match="Unknown --prose_source 'wikipedia'"):
         reproduce.StudyConfig(prose_source="wikipedia")
 
