@@ -145,8 +145,9 @@ class StudyConfig:
     seed: int = field(default=0, metadata={"help": "Split seed."})
     export_dir: str | None = field(
         default=None,
-        metadata={"help": "Also save the first rate's stage-2 model here: an adapter-only checkpoint in bf16, with "
-                  "the study's results (evaluation/default_model is where the trained default goes)."},
+        metadata={"help": "Also save the first rate's stage-2 model here (also one kept by --start_from): an "
+                  "adapter-only checkpoint in bf16, with the study's results (evaluation/default_model is where the "
+                  "trained default goes)."},
     )
     export_base: str | None = field(
         default=None,
