@@ -474,8 +474,10 @@ def retrieval_baselines(config: StudyConfig, data: dict) -> dict:
 def training_settings(
     config: StudyConfig, directory: Path, epochs: float, learning_rate: float, batch_size: int | None = None
 ) -> dict:
+    """A stage's training arguments; `batch_size` None: the study's `--batch_size`."""
+    batch_size = config.batch_size if batch_size is None else batch_size
     return dict(
-        output_dir=str(directory), num_train_epochs=epochs, per_device_train_batch_size=config.batch_size if batch_size is None else batch_size,
+        output_dir=str(directory), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1, learning_rate=learning_rate, warmup_steps=0.03, logging_steps=10,
         save_strategy="no", report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
         max_length=config.max_length, disable_tqdm=True, dataloader_num_workers=0,
@@ -746,6 +748,7 @@ def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str |
 
 
 def stage_2_batch_note(settings: dict) -> str:
+    """Stage 2's batch, where it is not stage 1's."""
     batch = settings.get("instruct_batch_size")  # runs made before --instruct_batch_size used --batch_size
     return f" (batch {batch})" if batch and batch != settings["batch_size"] else ""
 
