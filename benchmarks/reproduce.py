@@ -30,8 +30,9 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import HfArgumentParser
@@ -58,7 +59,7 @@ RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", 
 STAGE_SETTINGS = {
     "stage 1": {"scp_epochs", "learning_rate", "batch_size", "reconstruction", "prose_passages", "prose_source",
                 "prose_root"},
-    "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size"},
+    "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size", "instruct_answers"},
     "stage 3": {"joint_epochs", "joint_learning_rate"},
 }
 # The results' sections that phases write into; results["phase_results"] names what each finished phase wrote.
@@ -100,6 +101,13 @@ class StudyConfig:
     )
     instruct_batch_size: int | None = field(
         default=None, metadata={"help": "Stage-2 rows per step (default: --batch_size)."}
+    )
+    instruct_answers: Literal["gold", "teacher"] = field(
+        default="gold",
+        metadata={"help": "Stage 2's targets: 'gold', the SCP answers; 'teacher', the bare base's own answers reading "
+                  "the passage's text (text RAG's, greedy, --max_new_tokens; empty ones are left out and counted). "
+                  "The reference's stage 2 trains on a teacher LLM's answers (CLARA.md, section 5), PISCO on its "
+                  "base's."},
     )
     learning_rate: float = field(
         default=2e-3,
@@ -306,7 +314,39 @@ def answer_quality(model: ClaraForRAG, config: StudyConfig, data_file: str, base
     )
     report = evaluate_model(evaluation, model=model, show_progress=False)
     keys = ("exact_match", "f1", "cover", "exact_match_first", "f1_first", "cover_first")
-    return {key: round(report["aggregate"][key], 2) for key in keys} | {"examples": report["aggregate"]["examples"]}
+    words = [len(p["prediction"].split()) for p in report["predictions"]]
+    return {key: round(report["aggregate"][key], 2) for key in keys} | {
+        "examples": report["aggregate"]["examples"], "answer_words": round(sum(words) / max(len(words), 1), 1)
+    }
+
+
+def teacher_answer_rows(model: ClaraForRAG, config: StudyConfig, instruct_file: str, directory: Path) -> tuple[str, dict]:
+    """Stage 2's rows with each `answer` the bare base's own answer reading the row's passage text (text RAG's, as
+    `answer_quality` generates it) and the SCP answer as `gold_answer`: sequence-level self-distillation. Writes
+    them to `directory` and returns the file and counts: rows kept, empty answers left out, and the teacher's
+    scores against the SCP answers."""
+    rows = [json.loads(line) for line in Path(instruct_file).read_text().splitlines()]
+    as_evaluation = directory / "instruct_as_evaluation.jsonl"
+    as_evaluation.write_text("".join(
+        json.dumps({"question": r["question"], "docs": r["docs"], "golden_answers": [r["answer"]], "pos_index": [0]},
+                   ensure_ascii=False) + "\n" for r in rows
+    ))
+    evaluation = EvaluationConfig(model="study", data=str(as_evaluation), k=1, baseline="text",
+                                  max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size)
+    report = evaluate_model(evaluation, model=model, show_progress=True)
+    answers = [p["prediction"].strip() for p in report["predictions"]]
+    kept = [{**row, "answer": answer, "gold_answer": row["answer"]} for row, answer in zip(rows, answers) if answer]
+    if not kept:
+        raise ValueError(f"--instruct_answers teacher: the base answered none of the {len(rows)} stage-2 questions.")
+    if len(kept) < len(rows):
+        logger.warning("Left out %d stage-2 rows whose teacher answer is empty.", len(rows) - len(kept))
+    path = directory / "instruct_teacher.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+    aggregate = report["aggregate"]
+    counts = {"rows": len(kept), "empty_left_out": len(rows) - len(kept),
+              "answer_words": round(sum(len(a.split()) for a in answers) / len(answers), 1),
+              **{f"{key}_against_gold": round(aggregate[key], 2) for key in ("exact_match", "f1", "cover")}}
+    return str(path), counts
 
 
 @torch.no_grad()
@@ -521,9 +561,10 @@ class Study:
     def resume_results(self, command: str):
         results = finished_results(self.output, "--resume", "run the study without --resume first")
         path = self.output / "results.json"
+        recorded = recorded_settings(results)
         changed = sorted(
             key for key, value in asdict(self.config).items()
-            if key not in RESUMABLE_SETTINGS and results["settings"].get(key) != value
+            if key not in RESUMABLE_SETTINGS and recorded.get(key) != value
         )
         if changed:
             raise ValueError(f"--resume: {path} was made with other settings of {changed}; pass the same ones.")
@@ -546,8 +587,9 @@ class Study:
         if unrecorded:
             raise ValueError(f"--start_from: {source} does not record which results its phases {unrecorded} wrote (it "
                              "was written before --start_from existed); run that study again.")
+        recorded = recorded_settings(results)
         changed = {key for key, value in asdict(self.config).items()
-                   if key not in RESUMABLE_SETTINGS | {"output_dir", "start_from"} and results["settings"].get(key) != value}
+                   if key not in RESUMABLE_SETTINGS | {"output_dir", "start_from"} and recorded.get(key) != value}
         fixed = sorted(changed - set().union(*STAGE_SETTINGS.values()))
         if fixed:
             raise ValueError(f"--start_from: {source} was made with other settings of {fixed}, which every phase "
@@ -683,9 +725,14 @@ class Study:
             config, self.output / name / "instruct", config.instruct_epochs, config.instruct_learning_rate,
             config.instruct_batch_size,
         )
+        instruct, teacher = data["instruct"], None
+        if config.instruct_answers == "teacher":
+            if "instruct_teacher" not in data:  # the bare base's answers: the same for every rate
+                data["instruct_teacher"] = teacher_answer_rows(model, config, instruct, self.output / "data")
+            instruct, teacher = data["instruct_teacher"]
         self.results["training"][f"{name} stage 2"] = train_stage(
-            InstructTrainer, InstructConfig, model, settings, data["instruct"], generator_init="keep"
-        )
+            InstructTrainer, InstructConfig, model, settings, instruct, generator_init="keep"
+        ) | ({"teacher_answers": teacher} if teacher else {})
         self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data["eval"], "clara")
         self.results["memories"][f"{name} stage 2"] = memory_statistics(
             model, data["held_out_passages"], config.eval_batch_size
@@ -733,6 +780,12 @@ def finished_results(folder: Path, option: str, hint: str) -> dict:
     return results
 
 
+def recorded_settings(results: dict) -> dict:
+    """A study's settings, with the defaults of the settings added since it ran: what it ran with."""
+    defaults = {setting.name: setting.default for setting in fields(StudyConfig) if setting.default is not MISSING}
+    return defaults | results["settings"]
+
+
 def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str | None, results: dict) -> None:
     """The model as an adapter-only checkpoint in bf16 (for SmolLM2 about 20 MB: the query reasoner, a copy of the
     compressor, is stored once), its base referenced by `base_reference`, with the study's results beside it."""
@@ -767,6 +820,8 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
     settings, counts = results["settings"], results.get("data", {})
     prose = settings.get("prose_passages")  # runs made before --prose_source read the standard library's docstrings
     prose_note = f", and {prose} passages of {settings.get('prose_source', 'stdlib')} prose rebuilt" if prose else ""
+    teacher = settings.get("instruct_answers") == "teacher"  # runs made before --instruct_answers trained on gold
+    teacher_note = " whose answers are the bare base's own, reading the passage (teacher answers)" if teacher else ""
     lines = [
         "# Reproduction study: do compressed memories carry the passage?",
         "",
@@ -779,7 +834,8 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         f"{' and its reconstruction' if settings['reconstruction'] else ''}"
         f"{prose_note}), "
         f"{settings['scp_epochs']} epochs; stage 2: "
-        f"{counts.get('instruct_rows')} question/passage/answer rows, {settings['instruct_epochs']} epochs (generator "
+        f"{counts.get('instruct_rows')} question/passage/answer rows{teacher_note}, {settings['instruct_epochs']} "
+        "epochs (generator "
         f"kept); stage 3: {counts.get('joint_rows')} train questions, each among its passage and "
         f"{settings['negatives']} BM25 hard negatives, no relevance labels, the generator reading the query "
         f"reasoner's top 1, {settings['joint_epochs']} epochs at lr {settings['joint_learning_rate']}; batch "

@@ -13,7 +13,15 @@ from safetensors.torch import load_file
 
 from data_synthesis.prose import prose_passages
 from modeling_clara import ClaraForRAG
-from testing_utils import DOCUMENTS, FICTIONAL_FACTS, new_model, randomize_adapters, write_dictd, write_jsonl
+from testing_utils import (
+    DOCUMENTS,
+    FICTIONAL_FACTS,
+    build_base,
+    new_model,
+    randomize_adapters,
+    write_dictd,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,6 +245,56 @@ def test_a_study_started_from_another_keeps_the_phases_its_changed_settings_leav
     (tmp_path / "older" / "results.json").write_text(json.dumps(older))
     with pytest.raises(ValueError, match="written before --start_from existed"):
         reproduce.Study(config("other", start_from=str(tmp_path / "older")))
+
+
+def test_stage_2_can_train_on_the_bare_bases_own_answers_reading_the_passage(
+    reproduce, tokenizer, tiny_base_dir, tmp_path, monkeypatch
+):
+    # The tiny base answers only newlines; one with larger weights answers something.
+    answering_base = tmp_path / "answering_base"
+    build_base("llama", len(tokenizer), seed=1, initializer_range=0.5).save_pretrained(answering_base)
+    tokenizer.save_pretrained(answering_base)
+
+    def config(folder, base=str(answering_base), **changes):
+        return small_study(reproduce, base, tmp_path, folder, joint_epochs=0, **changes)
+
+    source = reproduce.Study(config("source")).run()
+    # A study run before --instruct_answers existed trained stage 2 on the SCP answers: the default.
+    older = json.loads((tmp_path / "source" / "results.json").read_text())
+    del older["settings"]["instruct_answers"]
+    (tmp_path / "source" / "results.json").write_text(json.dumps(older))
+    trained, train_stage = [], reproduce.train_stage
+
+    def recording_the_rows(trainer_class, config_class, model, settings, train_file, **kwargs):
+        gold = [json.loads(line) for line in Path(train_file).with_name("instruct.jsonl").read_text().splitlines()]
+        questions, documents = [r["question"] for r in gold], [r["docs"] for r in gold]
+        with torch.no_grad():  # the bare base reading each passage, batched as the study's evaluation batches
+            answers = [answer.strip() for start in range(0, len(gold), 4) for answer in model.generate_from_text(
+                questions[start : start + 4], documents[start : start + 4], max_new_tokens=3)]
+        rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()]
+        trained.append((trainer_class.__name__, rows, gold, answers))
+        return train_stage(trainer_class, config_class, model, settings, train_file, **kwargs)
+
+    monkeypatch.setattr(reproduce, "train_stage", recording_the_rows)
+    assert reproduce.Study(config("gold", start_from=str(tmp_path / "source"))).run()["finished_phases"] == \
+        source["finished_phases"] and trained == []
+
+    started = reproduce.Study(config("teacher", start_from=str(tmp_path / "source"), instruct_answers="teacher")).run()
+    assert started["started_from"]["kept_phases"] == ["rate 4: untrained", "rate 4: stage 1"]
+    [(trainer, rows, gold, answers)] = trained
+    assert trainer == "InstructTrainer" and 0 < answers.count("") < len(answers)  # some empty: left out, counted
+    assert rows == [{**row, "answer": answer, "gold_answer": row["answer"]} for row, answer in zip(gold, answers) if answer]
+    teacher = started["training"]["cr4 stage 2"]["teacher_answers"]
+    assert teacher["rows"] == len(rows) and teacher["empty_left_out"] == answers.count("")
+    assert 0 <= teacher["cover_against_gold"] <= 100 and teacher["answer_words"] > 0
+    assert started["answers"]["cr4 stage 2"]["answer_words"] > 0
+    assert "whose answers are the bare base's own, reading the passage" in \
+        reproduce.write_docs(started, tmp_path / "docs").read_text()
+
+    silent = reproduce.Study(config("silent", base=tiny_base_dir, instruct_answers="teacher"))
+    with pytest.raises(ValueError, match="the base answered none of the 10 stage-2 questions"):
+        reproduce.teacher_answer_rows(silent.new_model(4), silent.config, str(tmp_path / "teacher" / "data" /
+                                      "instruct.jsonl"), tmp_path / "silent")
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
