@@ -648,7 +648,7 @@ class Study:
         return default_device()
 
     def checkpoint(self, rate: int, stage: str) -> Path:
-        return self.output / f"cr{rate}" / f"model_after_{stage.replace(' ', '')}"
+        return checkpoint_folder(self.output, rate, stage)
 
     def model_after(self, rate: int, stage: str | None) -> ClaraForRAG:
         """The model as the finished phase `stage` of this rate left it (None or untrained: a new one)."""
@@ -668,10 +668,12 @@ class Study:
             self.results["retrieval"]["baselines"] = retrieval_baselines(config, self.data)
         self.save()
         first_stage_2 = phase_name(config.rates[0], "stage 2")
-        if config.export_dir and first_stage_2 in self.results.get("started_from", {}).get("kept_phases", []):
-            # stage_2 exports; a kept stage 2 is not run again, so its saved model is exported here.
+        kept_stage_2 = first_stage_2 in self.results.get("started_from", {}).get("kept_phases", [])
+        if config.export_dir and kept_stage_2 and self.results.get("exported_to") != str(Path(config.export_dir)):
+            # stage_2 exports; a kept stage 2 is not run again, so its saved model is exported here, once.
             export_checkpoint(self.model_after(config.rates[0], "stage 2"), Path(config.export_dir), config.export_base,
                               self.results)
+            self.save()
         phases = {"untrained": self.untrained, "stage 1": self.stage_1, "stage 2": self.stage_2, "stage 3": self.stage_3}
         if not config.joint_epochs:
             del phases["stage 3"]
@@ -769,6 +771,11 @@ def rate_and_stage(phase: str) -> tuple[int, str]:
     return int(rate), stage
 
 
+def checkpoint_folder(output_dir: Path, rate: int, stage: str) -> Path:
+    """Where a study saves the model a training stage left: `<output_dir>/cr16/model_after_stage2`."""
+    return Path(output_dir) / f"cr{rate}" / f"model_after_{stage.replace(' ', '')}"
+
+
 def finished_results(folder: Path, option: str, hint: str) -> dict:
     """The results.json of a study that can go on (written by a version of the study that records its phases)."""
     path = folder / "results.json"
@@ -793,6 +800,7 @@ def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str |
     if base_reference is not None:
         exported.config.base_model_name_or_path, exported.config.base_model_revision = base_reference, None
     exported.save_pretrained(directory)
+    results["exported_to"] = str(directory)
     (directory / "reproduction_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     logger.info("Exported the trained model to %s.", directory)
 

@@ -27,10 +27,13 @@ from typing import Literal, get_args
 from reproduce import (
     StudyConfig,
     answer_quality,
+    checkpoint_folder,
     cut_to_compressed_text,
     evaluation_rows,
+    finished_results,
     held_out_answer_rows,
     memory_use,
+    rate_and_stage,
     split_rows,
     text_use,
 )
@@ -91,12 +94,16 @@ def unused_questions(study: StudyConfig, count: int, take: Take, path: Path) -> 
     return {"eval": str(path), "counts": {"passages": len(unused), "questions": len(rows), **counts}}
 
 
-def saved_models(study_dir: Path, names: list[str]) -> list[tuple[str, Path]]:
-    """`(name, folder)` of each model the study saved, in the study's naming ("cr16 stage 1"); only `names`, if any."""
-    found = {f"{folder.parent.name} stage {folder.name.removeprefix('model_after_stage')}": folder
-             for folder in sorted(study_dir.glob("cr*/model_after_stage*"))}
+def saved_models(study_dir: Path, results: dict, names: list[str]) -> list[tuple[str, Path]]:
+    """`(name, folder)` of each model the study's finished training stages saved, in the study's naming ("cr16
+    stage 1"); only `names`, if any."""
+    found = {}
+    for phase in results["finished_phases"]:
+        rate, stage = rate_and_stage(phase)
+        if stage != "untrained":
+            found[f"cr{rate} {stage}"] = checkpoint_folder(study_dir, rate, stage)
     if not found:
-        raise FileNotFoundError(f"No saved model (cr*/model_after_stage*) in {study_dir}.")
+        raise FileNotFoundError(f"{study_dir} finished no training stage (finished: {results['finished_phases']}).")
     unknown = [name for name in names if name not in found]
     if unknown:
         raise ValueError(f"--models {unknown}: {study_dir} has {list(found)}.")
@@ -107,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = HfArgumentParser(UnusedPassagesConfig).parse_args_into_dataclasses(argv, return_remaining_strings=False)
     study_dir = Path(config.study_dir)
-    study = StudyConfig(**json.loads((study_dir / "results.json").read_text())["settings"])
+    study_results = finished_results(study_dir, "--study_dir", "run the study first")
+    study = StudyConfig(**study_results["settings"])
     suffix = "" if config.take == "first" else f"_{config.take}"  # each choice its own files: none overwrites another
     output = Path(config.output or study_dir / f"unused_passages{suffix}.json")
-    models = saved_models(study_dir, config.models)
+    models = saved_models(study_dir, study_results, config.models)
     data = unused_questions(study, config.passages, config.take, study_dir / "data" / f"eval_unused{suffix}.jsonl")
     device = default_device()
     results = {"settings": asdict(config), "study": asdict(study), "machine": machine_description(),

@@ -233,6 +233,11 @@ def test_a_study_started_from_another_keeps_the_phases_its_changed_settings_leav
     assert exported.keys() and exported.keys() <= kept_stage_2.keys()
     assert all(torch.equal(value, kept_stage_2[key].to(torch.bfloat16)) for key, value in exported.items())
     assert all(again[part] == started[part] for part in reproduce.MEASUREMENTS)
+    exports = []
+    monkeypatch.setattr(reproduce, "export_checkpoint", lambda model, directory, *args: exports.append(directory))
+    reproduce.Study(config("again", resume=True, start_from=str(tmp_path / "started"), instruct_learning_rate=1e-3,
+                           export_dir=str(tmp_path / "export"))).run()
+    assert exports == []  # exported once, not again on every --resume
 
     with pytest.raises(ValueError, match=r"other settings of \['doc_max_length'\], which every phase depends on"):
         reproduce.Study(config("other", start_from=str(tmp_path / "source"), doc_max_length=32))
@@ -515,7 +520,8 @@ def test_a_study_is_measured_again_on_exactly_the_passages_it_never_read(reprodu
                                   held_out=3, train_passages=3, doc_max_length=30, questions_per_passage=2,
                                   max_new_tokens=2, eval_batch_size=4, max_length=512)
     (study_dir / "cr2").mkdir(parents=True)
-    (study_dir / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(study)}))
+    finished = ["rate 2: untrained", "rate 2: stage 1"]
+    (study_dir / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(study), "finished_phases": finished}))
     ClaraForRAG.from_base_model(tiny_base_dir, compression_rate=2, doc_max_length=30).save_pretrained(
         study_dir / "cr2" / "model_after_stage1", save_base_model=False
     )
@@ -540,7 +546,9 @@ def test_a_study_is_measured_again_on_exactly_the_passages_it_never_read(reprodu
     smaller_study_dir = tmp_path / "smaller_study"
     shutil.copytree(study_dir / "cr2", smaller_study_dir / "cr2")
     smaller = dataclasses.replace(study, train_passages=2, output_dir=str(smaller_study_dir))
-    (smaller_study_dir / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(smaller)}))
+    (smaller_study_dir / "results.json").write_text(
+        json.dumps({"settings": dataclasses.asdict(smaller), "finished_phases": finished})
+    )
     assert unused_passages.main([f"--study_dir={smaller_study_dir}", "--passages=2", "--take=last",
                                  "--baselines=false"]) == 0
     last_questions = [json.loads(line) for line in
@@ -552,6 +560,10 @@ def test_a_study_is_measured_again_on_exactly_the_passages_it_never_read(reprodu
         unused_passages.UnusedPassagesConfig(study_dir=str(study_dir), take="middle")
     with pytest.raises(ValueError, match=r"has \['cr2 stage 1'\]"):
         unused_passages.main([f"--study_dir={study_dir}", "--models", "cr2 stage 2"])
+    # Only the models of finished stages: a stage cut short leaves no model to measure.
+    (study_dir / "results.json").write_text(json.dumps({"settings": dataclasses.asdict(study), "finished_phases": finished[:1]}))
+    with pytest.raises(FileNotFoundError, match="finished no training stage"):
+        unused_passages.main([f"--study_dir={study_dir}"])
 
 
 # ---------------------------------------------------------------- benchmarks/answer_length.py
