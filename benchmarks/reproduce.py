@@ -59,7 +59,8 @@ RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", 
 STAGE_SETTINGS = {
     "stage 1": {"scp_epochs", "learning_rate", "batch_size", "reconstruction", "prose_passages", "prose_source",
                 "prose_root"},
-    "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size", "instruct_answers"},
+    "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size", "instruct_answers",
+                "teacher_max_new_tokens"},
     "stage 3": {"joint_epochs", "joint_learning_rate"},
 }
 # The results' sections that phases write into; results["phase_results"] names what each finished phase wrote.
@@ -108,6 +109,11 @@ class StudyConfig:
                   "the passage's text (text RAG's, greedy, --max_new_tokens; empty ones are left out and counted). "
                   "The reference's stage 2 trains on a teacher LLM's answers (CLARA.md, section 5), PISCO on its "
                   "base's."},
+    )
+    teacher_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "With --instruct_answers teacher: tokens per teacher answer (default: --max_new_tokens). The "
+                  "base restates the question before it answers, so answers cut short lose the answer."},
     )
     learning_rate: float = field(
         default=2e-3,
@@ -181,6 +187,9 @@ class StudyConfig:
             raise ValueError(f"--prose_passages must be >= 0, got {self.prose_passages}.")
         if self.instruct_batch_size is not None and self.instruct_batch_size < 1:
             raise ValueError(f"--instruct_batch_size must be >= 1, got {self.instruct_batch_size}.")
+        if self.teacher_max_new_tokens is not None and (self.instruct_answers != "teacher" or self.teacher_max_new_tokens < 1):
+            raise ValueError(f"--teacher_max_new_tokens {self.teacher_max_new_tokens}: a number >= 1, for "
+                             f"--instruct_answers teacher (here {self.instruct_answers!r}).")
         check_prose_source(self.prose_source, "--prose_source")
         if self.quick:
             self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
@@ -322,9 +331,9 @@ def answer_quality(model: ClaraForRAG, config: StudyConfig, data_file: str, base
 
 def teacher_answer_rows(model: ClaraForRAG, config: StudyConfig, instruct_file: str, directory: Path) -> tuple[str, dict]:
     """Stage 2's rows with each `answer` the bare base's own answer reading the row's passage text (text RAG's, as
-    `answer_quality` generates it) and the SCP answer as `gold_answer`: sequence-level self-distillation. Writes
-    them to `directory` and returns the file and counts: rows kept, empty answers left out, and the teacher's
-    scores against the SCP answers."""
+    `answer_quality` generates it, in `teacher_max_new_tokens`) and the SCP answer as `gold_answer`: sequence-level
+    self-distillation. Writes them to `directory` and returns the file and counts: rows kept, empty answers left
+    out, and the teacher's scores against the SCP answers."""
     rows = [json.loads(line) for line in Path(instruct_file).read_text().splitlines()]
     as_evaluation = directory / "instruct_as_evaluation.jsonl"
     as_evaluation.write_text("".join(
@@ -332,7 +341,8 @@ def teacher_answer_rows(model: ClaraForRAG, config: StudyConfig, instruct_file: 
                    ensure_ascii=False) + "\n" for r in rows
     ))
     evaluation = EvaluationConfig(model="study", data=str(as_evaluation), k=1, baseline="text",
-                                  max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size)
+                                  max_new_tokens=config.teacher_max_new_tokens or config.max_new_tokens,
+                                  batch_size=config.eval_batch_size)
     report = evaluate_model(evaluation, model=model, show_progress=True)
     answers = [p["prediction"].strip() for p in report["predictions"]]
     kept = [{**row, "answer": answer, "gold_answer": row["answer"]} for row, answer in zip(rows, answers) if answer]
@@ -829,7 +839,8 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
     prose = settings.get("prose_passages")  # runs made before --prose_source read the standard library's docstrings
     prose_note = f", and {prose} passages of {settings.get('prose_source', 'stdlib')} prose rebuilt" if prose else ""
     teacher = settings.get("instruct_answers") == "teacher"  # runs made before --instruct_answers trained on gold
-    teacher_note = " whose answers are the bare base's own, reading the passage (teacher answers)" if teacher else ""
+    teacher_note = (f" whose answers are the bare base's own, reading the passage (teacher answers of at most "
+                    f"{settings.get('teacher_max_new_tokens') or settings['max_new_tokens']} tokens)" if teacher else "")
     lines = [
         "# Reproduction study: do compressed memories carry the passage?",
         "",

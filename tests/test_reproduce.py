@@ -275,7 +275,7 @@ def test_stage_2_can_train_on_the_bare_bases_own_answers_reading_the_passage(
         questions, documents = [r["question"] for r in gold], [r["docs"] for r in gold]
         with torch.no_grad():  # the bare base reading each passage, batched as the study's evaluation batches
             answers = [answer.strip() for start in range(0, len(gold), 4) for answer in model.generate_from_text(
-                questions[start : start + 4], documents[start : start + 4], max_new_tokens=3)]
+                questions[start : start + 4], documents[start : start + 4], max_new_tokens=5)]
         rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()]
         trained.append((trainer_class.__name__, rows, gold, answers))
         return train_stage(trainer_class, config_class, model, settings, train_file, **kwargs)
@@ -284,7 +284,8 @@ def test_stage_2_can_train_on_the_bare_bases_own_answers_reading_the_passage(
     assert reproduce.Study(config("gold", start_from=str(tmp_path / "source"))).run()["finished_phases"] == \
         source["finished_phases"] and trained == []
 
-    started = reproduce.Study(config("teacher", start_from=str(tmp_path / "source"), instruct_answers="teacher")).run()
+    started = reproduce.Study(config("teacher", start_from=str(tmp_path / "source"), instruct_answers="teacher",
+                                     teacher_max_new_tokens=5)).run()  # the study's answers have 3
     assert started["started_from"]["kept_phases"] == ["rate 4: untrained", "rate 4: stage 1"]
     [(trainer, rows, gold, answers)] = trained
     assert trainer == "InstructTrainer" and 0 < answers.count("") < len(answers)  # some empty: left out, counted
@@ -293,9 +294,12 @@ def test_stage_2_can_train_on_the_bare_bases_own_answers_reading_the_passage(
     assert teacher["rows"] == len(rows) and teacher["empty_left_out"] == answers.count("")
     assert 0 <= teacher["cover_against_gold"] <= 100 and teacher["answer_words"] > 0
     assert started["answers"]["cr4 stage 2"]["answer_words"] > 0
-    assert "whose answers are the bare base's own, reading the passage" in \
+    assert "whose answers are the bare base's own, reading the passage (teacher answers of at most 5 tokens)" in \
         reproduce.write_docs(started, tmp_path / "docs").read_text()
 
+    for wrong in ({"teacher_max_new_tokens": 5}, {"instruct_answers": "teacher", "teacher_max_new_tokens": 0}):
+        with pytest.raises(ValueError, match="--teacher_max_new_tokens .*: a number >= 1, for --instruct_answers teacher"):
+            config("wrong", **wrong)
     silent = reproduce.Study(config("silent", base=tiny_base_dir, instruct_answers="teacher"))
     with pytest.raises(ValueError, match="the base answered none of the 10 stage-2 questions"):
         reproduce.teacher_answer_rows(silent.new_model(4), silent.config, str(tmp_path / "teacher" / "data" /
