@@ -106,7 +106,7 @@ class StudyConfig:
     instruct_answers: Literal["gold", "teacher"] = field(
         default="gold",
         metadata={"help": "Stage 2's targets: 'gold', the SCP answers; 'teacher', the bare base's own answers reading "
-                  "the passage's text (text RAG's, greedy, --max_new_tokens; empty ones are left out and counted). "
+                  "the passage's text (text RAG's, greedy, --teacher_max_new_tokens; empty ones are left out and counted). "
                   "The reference's stage 2 trains on a teacher LLM's answers (CLARA.md, section 5), PISCO on its "
                   "base's."},
     )
