@@ -321,7 +321,11 @@ def answer_quality(model: ClaraForRAG, config: StudyConfig, data_file: str, base
         model="study", data=data_file, k=1, baseline=baseline, max_new_tokens=config.max_new_tokens,
         batch_size=config.eval_batch_size,
     )
-    report = evaluate_model(evaluation, model=model, show_progress=False)
+    return report_scores(evaluate_model(evaluation, model=model, show_progress=False))
+
+
+def report_scores(report: dict) -> dict:
+    """An evaluation report's answer scores, its examples and the answers' mean length in words."""
     keys = ("exact_match", "f1", "cover", "exact_match_first", "f1_first", "cover_first")
     words = [len(p["prediction"].split()) for p in report["predictions"]]
     return {key: round(report["aggregate"][key], 2) for key in keys} | {
@@ -333,7 +337,7 @@ def teacher_answer_rows(model: ClaraForRAG, config: StudyConfig, instruct_file: 
     """Stage 2's rows with each `answer` the bare base's own answer reading the row's passage text (text RAG's, as
     `answer_quality` generates it, in `teacher_max_new_tokens`) and the SCP answer as `gold_answer`: sequence-level
     self-distillation. Writes them to `directory` and returns the file and counts: rows kept, empty answers left
-    out, and the teacher's scores against the SCP answers."""
+    out, and the teacher's scores and answer length against the SCP answers."""
     rows = [json.loads(line) for line in Path(instruct_file).read_text().splitlines()]
     as_evaluation = directory / "instruct_as_evaluation.jsonl"
     as_evaluation.write_text("".join(
@@ -352,11 +356,7 @@ def teacher_answer_rows(model: ClaraForRAG, config: StudyConfig, instruct_file: 
         logger.warning("Left out %d stage-2 rows whose teacher answer is empty.", len(rows) - len(kept))
     path = directory / "instruct_teacher.jsonl"
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
-    aggregate = report["aggregate"]
-    counts = {"rows": len(kept), "empty_left_out": len(rows) - len(kept),
-              "answer_words": round(sum(len(a.split()) for a in answers) / len(answers), 1),
-              **{f"{key}_against_gold": round(aggregate[key], 2) for key in ("exact_match", "f1", "cover")}}
-    return str(path), counts
+    return str(path), {"rows": len(kept), "empty_left_out": len(rows) - len(kept), "against_gold": report_scores(report)}
 
 
 @torch.no_grad()

@@ -292,7 +292,8 @@ def test_stage_2_can_train_on_the_bare_bases_own_answers_reading_the_passage(
     assert rows == [{**row, "answer": answer, "gold_answer": row["answer"]} for row, answer in zip(gold, answers) if answer]
     teacher = started["training"]["cr4 stage 2"]["teacher_answers"]
     assert teacher["rows"] == len(rows) and teacher["empty_left_out"] == answers.count("")
-    assert 0 <= teacher["cover_against_gold"] <= 100 and teacher["answer_words"] > 0
+    assert 0 <= teacher["against_gold"]["cover"] <= 100 and teacher["against_gold"]["answer_words"] > 0
+    assert teacher["against_gold"]["examples"] == len(gold)
     assert started["answers"]["cr4 stage 2"]["answer_words"] > 0
     assert "whose answers are the bare base's own, reading the passage (teacher answers of at most 5 tokens)" in \
         reproduce.write_docs(started, tmp_path / "docs").read_text()
