@@ -58,9 +58,9 @@ RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", 
 # from another (--start_from) may change them, and runs again from the first stage whose settings changed.
 STAGE_SETTINGS = {
     "stage 1": {"scp_epochs", "learning_rate", "batch_size", "reconstruction", "prose_passages", "prose_source",
-                "prose_root"},
+                "prose_root", "scp_distillation_weight"},
     "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size", "instruct_answers",
-                "teacher_max_new_tokens"},
+                "teacher_max_new_tokens", "instruct_distillation_weight"},
     "stage 3": {"joint_epochs", "joint_learning_rate"},
 }
 # The results' sections that phases write into; results["phase_results"] names what each finished phase wrote.
@@ -114,6 +114,14 @@ class StudyConfig:
         default=None,
         metadata={"help": "With --instruct_answers teacher: tokens per teacher answer (default: --max_new_tokens). The "
                   "base restates the question before it answers, so answers cut short lose the answer."},
+    )
+    scp_distillation_weight: float = field(
+        default=0.0,
+        metadata={"help": "Stage 1's weight of the KL from the bare base reading the passage's text to the generator "
+                  "reading its memories, per answer token (trainers.TextDistillationConfig; 0: off)."},
+    )
+    instruct_distillation_weight: float = field(
+        default=0.0, metadata={"help": "The same in stage 2 (the text reader reads the question's passages)."}
     )
     learning_rate: float = field(
         default=2e-3,
@@ -176,13 +184,17 @@ class StudyConfig:
     start_from: str | None = field(
         default=None,
         metadata={"help": "Start from another study's --output_dir: keep its results and saved models of the phases "
-                  "before the first stage whose settings this run changes (stage 1: scp_epochs, learning_rate, "
-                  "batch_size, reconstruction, prose_*; stage 2: instruct_*; stage 3: joint_*) and run the rest. "
+                  "before the first stage whose settings this run changes (stage 1: scp_*, learning_rate, "
+                  "batch_size, reconstruction, prose_*; stage 2: instruct_*, teacher_*; stage 3: joint_*) and run "
+                  "the rest. "
                   "Every other setting must be the same."},
     )
     render_only: str | None = field(default=None, metadata={"help": "Only rewrite the docs from this results.json."})
 
     def __post_init__(self):
+        for name in ("scp_distillation_weight", "instruct_distillation_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.prose_passages < 0:
             raise ValueError(f"--prose_passages must be >= 0, got {self.prose_passages}.")
         if self.instruct_batch_size is not None and self.instruct_batch_size < 1:
@@ -540,9 +552,12 @@ def train_stage(trainer_class, config_class, model, settings: dict, train_file: 
     started = time.perf_counter()
     trainer.train()
     losses = [entry["lm_loss"] for entry in trainer.state.log_history if "lm_loss" in entry]
+    distillation = [entry["distillation_loss"] for entry in trainer.state.log_history if "distillation_loss" in entry]
     model.eval()
     return {"seconds": round(time.perf_counter() - started, 1), "steps": trainer.state.global_step,
-            "first_lm_loss": losses[0] if losses else None, "last_lm_loss": losses[-1] if losses else None}
+            "first_lm_loss": losses[0] if losses else None, "last_lm_loss": losses[-1] if losses else None} | (
+        {"first_distillation_loss": distillation[0], "last_distillation_loss": distillation[-1]} if distillation else {}
+    )
 
 
 # ---------------------------------------------------------------- the study
@@ -725,7 +740,9 @@ class Study:
     def stage_1(self, model: ClaraForRAG, name: str, first_rate: bool):
         config, data, passages = self.config, self.data, self.data["held_out_passages"]
         settings = training_settings(config, self.output / name / "scp", config.scp_epochs, config.learning_rate)
-        self.results["training"][f"{name} stage 1"] = train_stage(SCPTrainer, SCPConfig, model, settings, data["scp"])
+        self.results["training"][f"{name} stage 1"] = train_stage(
+            SCPTrainer, SCPConfig, model, settings, data["scp"], distillation_weight=config.scp_distillation_weight
+        )
         self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data["eval"], "clara")
         self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, self.metric)
         self.results["memories"][f"{name} stage 1"] = memory_statistics(model, passages, config.eval_batch_size)
@@ -743,7 +760,8 @@ class Study:
                 data["instruct_teacher"] = teacher_answer_rows(model, config, instruct, self.output / "data")
             instruct, teacher = data["instruct_teacher"]
         self.results["training"][f"{name} stage 2"] = train_stage(
-            InstructTrainer, InstructConfig, model, settings, instruct, generator_init="keep"
+            InstructTrainer, InstructConfig, model, settings, instruct, generator_init="keep",
+            distillation_weight=config.instruct_distillation_weight,
         ) | ({"teacher_answers": teacher} if teacher else {})
         self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data["eval"], "clara")
         self.results["memories"][f"{name} stage 2"] = memory_statistics(
@@ -824,6 +842,13 @@ def stage_2_batch_note(settings: dict) -> str:
     return f" (batch {batch})" if batch and batch != settings["batch_size"] else ""
 
 
+def distillation_note(settings: dict) -> str:
+    """The stages that also learnt the text reader's distributions (runs made before the option had none)."""
+    weights = {stage: settings.get(f"{prefix}_distillation_weight", 0.0) for stage, prefix in (("1", "scp"), ("2", "instruct"))}
+    parts = [f"{weight} in stage {stage}" for stage, weight in weights.items() if weight]
+    return f"; distillation from the text (the bare base reading the passages) at weight {' and '.join(parts)}" if parts else ""
+
+
 def passages_note(settings: dict, counts: dict) -> str:
     """What every system read of the passages."""
     length = settings["doc_max_length"]
@@ -860,7 +885,7 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         f"reasoner's top 1, {settings['joint_epochs']} epochs at lr {settings['joint_learning_rate']}; batch "
         f"{settings['batch_size']}, lr {settings['learning_rate']} in stage 1 and "
         f"{settings.get('instruct_learning_rate', settings['learning_rate'])} in stage 2"
-        f"{stage_2_batch_note(settings)}; memories "
+        f"{stage_2_batch_note(settings)}{distillation_note(settings)}; memories "
         f"{'centred over documents' if settings.get('center_memories') else 'as they are (not centred)'}.",
         "",
         "## Answers on held-out questions, the generator reading only the question's own passage (k=1)",

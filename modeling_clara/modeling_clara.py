@@ -1059,6 +1059,18 @@ class ClaraForRAG(ClaraPreTrainedModel):
         with self.adapter(None):
             return self._generate(self.embed_tokens(batch["input_ids"]), batch["attention_mask"], **generate_kwargs)
 
+    def text_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits `[B, T, vocab]` of the uncompressed baseline, teacher-forced: the bare base model
+        (adapters off) over `ClaraProcessor.tokenize_for_generation(..., documents=...)` output. The trainers'
+        distillation from the text reads them."""
+        with self.adapter(None):
+            return self.language_model(
+                inputs_embeds=self.embed_tokens(input_ids),
+                attention_mask=attention_mask,
+                position_ids=_position_ids(attention_mask),
+                use_cache=False,
+            ).logits
+
     def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> list[str]:
         generation_config = copy.deepcopy(self.generation_config)
         other_kwargs = generation_config.update(**generate_kwargs)  # e.g. logits_processor, streamer

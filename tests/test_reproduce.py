@@ -307,6 +307,26 @@ def test_stage_2_can_train_on_the_bare_bases_own_answers_reading_the_passage(
                                       "instruct.jsonl"), tmp_path / "silent")
 
 
+def test_stages_1_and_2_can_distil_from_the_text(reproduce, tiny_base_dir, tmp_path, monkeypatch):
+    weights, train_stage = [], reproduce.train_stage
+
+    def recording_the_weight(trainer_class, config_class, model, settings, train_file, **kwargs):
+        weights.append((trainer_class.__name__, kwargs["distillation_weight"]))
+        return train_stage(trainer_class, config_class, model, settings, train_file, **kwargs)
+
+    monkeypatch.setattr(reproduce, "train_stage", recording_the_weight)
+    config = small_study(reproduce, tiny_base_dir, tmp_path, "distilled", joint_epochs=0, scp_distillation_weight=0.5,
+                         instruct_distillation_weight=0.25)
+    results = reproduce.Study(config).run()
+    assert weights == [("SCPTrainer", 0.5), ("InstructTrainer", 0.25)]
+    for stage in ("stage 1", "stage 2"):  # the trainers added the KL: it was logged
+        assert results["training"][f"cr4 {stage}"]["last_distillation_loss"] > 0
+    assert "distillation from the text (the bare base reading the passages) at weight 0.5 in stage 1 and 0.25 in " \
+           "stage 2;" in reproduce.write_docs(results, tmp_path / "docs").read_text()
+    with pytest.raises(ValueError, match="--instruct_distillation_weight must be >= 0, got -1"):
+        small_study(reproduce, tiny_base_dir, tmp_path, "wrong", instruct_distillation_weight=-1)
+
+
 def flat(tree: dict, prefix: str = "") -> dict:
     """A nested dict as {"a/b/c": leaf}."""
     leaves = {}

@@ -8,6 +8,8 @@ from transformers import Trainer
 from clara_cli.main import main, parse_train_args
 from modeling_clara import ClaraForRAG
 from testing_utils import (
+    FICTIONAL_FACTS,
+    build_base,
     changed_parameters,
     component_parameters,
     dataset,
@@ -160,6 +162,10 @@ def test_stage_option_values_are_checked(tmp_path):
         stage_config(InstructConfig, tmp_path, generator_init="random")
     with pytest.raises(ValueError, match="query_reasoner_init"):
         stage_config(JointConfig, tmp_path, query_reasoner_init="generator")
+    with pytest.raises(ValueError, match="distillation_weight must be >= 0, got -1.0"):
+        stage_config(SCPConfig, tmp_path, distillation_weight=-1.0)
+    with pytest.raises(ValueError, match="distillation_weight"):  # stage 3's generator reads no row's own documents
+        parse_train_args("joint", ["--distillation_weight", "1"])
 
 
 def test_a_data_file_in_the_wrong_format_fails_before_training(tokenizer, tmp_path):
@@ -364,3 +370,84 @@ def test_the_generator_prompt_never_depends_on_the_document(tokenizer):
         for key in ("input_ids", "attention_mask", "labels"):
             assert torch.equal(batches[0][key], batches[1][key]), key
         assert not torch.equal(batches[0]["document_input_ids"], batches[1]["document_input_ids"])
+
+
+# ---------------------------------------------------------------- distillation from the text
+
+
+def test_distillation_adds_the_kl_from_the_bare_base_reading_the_text_the_compressor_reads(tokenizer, tmp_path):
+    # float64: the loss difference is exact up to ~1e-15, far from any machine's rounding. A base of larger weights
+    # (initializer_range 0.5) predicts unevenly, so that the two readers' distributions differ measurably.
+    model = randomize_adapters(new_model(tokenizer, initializer_range=0.5)).double()
+    model.config.training_stage = "scp"
+    processor = model.processor
+    long_document = " ".join(f"{country} is a country. Its capital is {capital}." for country, capital, _ in FICTIONAL_FACTS)
+    rows = [
+        {"question": "What is the capital of Zorland?", "docs": [long_document], "answer": "Quvi"},
+        {"question": "What is the capital of Peltria?", "docs": ["Peltria is a country.", "Its capital is Osk."],
+         "answer": "Its capital is Osk, a city of Peltria."},
+    ]
+    prompt_lengths = processor.tokenize_for_generation(
+        [row["question"] for row in rows], num_documents=[1, 2]
+    )["attention_mask"].sum(-1).tolist()
+    max_length = prompt_lengths[1] + 3  # the second answer is cut to its first 3 tokens, the first is whole
+    config = stage_config(InstructConfig, tmp_path, distillation_weight=0.5, max_length=max_length)
+    trainer = InstructTrainer(model, config, train_dataset=dataset(rows, "instruct"))
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    assert float(batch["truncated_answers"]) == 0.5
+    cut_ids = processor._text_ids([long_document])[0][: model.config.doc_max_length]
+    text_ids = batch["text_input_ids"][0].tolist()
+    assert any(text_ids[i : i + len(cut_ids)] == cut_ids for i in range(len(text_ids)))  # the compressor's 16 tokens
+    assert processor._text_ids([long_document])[0][: len(cut_ids) + 1] not in [
+        text_ids[i : i + len(cut_ids) + 1] for i in range(len(text_ids))
+    ]
+
+    with_distillation = trainer.compute_loss(model, dict(batch))
+    trainer.args.distillation_weight = 0.0
+    without = trainer.compute_loss(model, dict(batch))
+
+    # The reference: each row alone, the text reader a fresh copy of the base, the answer tokens matched by hand.
+    base = build_base("llama", len(tokenizer), initializer_range=0.5).double()
+    outputs = model(**{k: v for k, v in batch.items() if not k.startswith(("truncated", "text_"))})
+    divergences = []
+    for row in range(2):
+        student_positions = [t for t in range(batch["labels"].shape[1] - 1) if batch["labels"][row, t + 1] != -100]
+        text_mask = batch["text_attention_mask"][row].bool()
+        text_ids, text_labels = batch["text_input_ids"][row][text_mask], batch["text_labels"][row][text_mask]
+        text_positions = [t for t in range(len(text_ids) - 1) if text_labels[t + 1] != -100][: len(student_positions)]
+        assert [int(batch["labels"][row, t + 1]) for t in student_positions] == [int(text_labels[t + 1]) for t in text_positions]
+        with torch.no_grad():
+            text_log_probs = base(input_ids=text_ids[None]).logits[0, text_positions].log_softmax(-1)
+        log_probs = outputs.logits[row, student_positions].log_softmax(-1)
+        divergences += (text_log_probs.exp() * (text_log_probs - log_probs)).sum(-1).tolist()
+    assert len(divergences) == 3 + len(processor._text_ids(["Quvi"])[0]) + 2  # the cut answer's 3, the whole one's + <|im_end|>\n
+    reference = sum(divergences) / len(divergences)
+    assert reference > 1e-3
+    torch.testing.assert_close(with_distillation - without, torch.tensor(0.5 * reference, dtype=torch.float64), atol=1e-12, rtol=1e-9)
+
+
+def test_distillation_trains_exactly_the_stages_parameters_and_is_logged(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    before = snapshot(model)
+    trainer = SCPTrainer(model, stage_config(SCPConfig, tmp_path, distillation_weight=1.0), train_dataset=dataset(scp_rows(), "scp"))
+    trainer.train()
+    assert changed_parameters(model, before) == component_parameters(model, "compressor", "generator", "added_token_embeddings")
+    assert all(entry["distillation_loss"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+    without = SCPTrainer(new_model(tokenizer), stage_config(SCPConfig, tmp_path), train_dataset=dataset(scp_rows(), "scp"))
+    assert not any(key.startswith("text_") for key in without.data_collator(list(without.train_dataset)[:2]))
+
+
+def test_rows_too_long_for_the_text_reader_are_refused_when_read(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    model.config.training_stage = "scp"
+    rows = instruct_rows()[:2]
+    rows[0] = {**rows[0], "docs": rows[0]["docs"][:1]}
+    rows[1] = {**rows[1], "docs": [" ".join(rows[1]["docs"] * 4)], "answer": " ".join([rows[1]["answer"]] * 20)}
+    prompt_length = int(model.processor.tokenize_for_generation([rows[1]["question"]], num_documents=1)["attention_mask"].sum())
+    context = prompt_length + 25  # the first row's text sequence fits in it, the second's does not
+    model.config.text_config.max_position_embeddings = context
+    data = write_jsonl(tmp_path / "instruct.jsonl", rows)
+    InstructTrainer(model, stage_config(InstructConfig, tmp_path, train_file=data, max_length=context))  # the generator's is cut
+    with pytest.raises(MalformedRowError, match=rf"instruct.jsonl:2: its text prompt and answer \(distillation from the "
+                                                rf"text\) have \d+ tokens, more than the base model's context \({context} positions\)"):
+        InstructTrainer(model, stage_config(InstructConfig, tmp_path, train_file=data, max_length=context, distillation_weight=1.0))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-__all__ = ["ClaraTrainingConfig"]
+__all__ = ["ClaraTrainingConfig", "TextDistillationConfig"]
 
 
 @dataclass
@@ -56,3 +56,28 @@ class ClaraTrainingConfig(TrainingArguments):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{name}: no data file at {path}.")
+
+
+@dataclass
+class TextDistillationConfig:
+    r"""
+    The option of the stages whose generator reads a row's own documents (1 and 2), mixed into their configs.
+
+    > Distillation from the text
+
+    distillation_weight (`float`, defaults to 0.0): adds `distillation_weight` x KL(text reader || generator) per
+        answer token to the loss. The text reader is the bare base model (adapters off) reading the documents' raw
+        text, cut to what the compressor reads, in the generator's prompt, as text RAG does: the generator reading
+        the memories learns the text reader's whole next-token distribution over the answer, not only the answer's
+        own token. Costs one forward pass of the base over the text prompts per step, without gradients. 0 turns
+        it off.
+    """
+
+    distillation_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the KL from the bare base reading the text to the generator (0: off)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.distillation_weight >= 0:
+            raise ValueError(f"distillation_weight must be >= 0, got {self.distillation_weight}.")

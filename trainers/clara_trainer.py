@@ -4,10 +4,12 @@ batch, separate loss logging, retrieval metrics and saving complete `ClaraForRAG
 import dataclasses
 import hashlib
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import gather_object
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -22,11 +24,13 @@ from .model_config import ARCHITECTURE_FIELDS, ClaraModelConfig
 __all__ = ["ClaraTrainer"]
 
 TRUNCATION_METRICS = ("truncated_documents", "truncated_questions", "truncated_answers")
+# The text reader's inputs, in the batches of a stage that distils from the text (see `TextDistillationConfig`).
+TEXT_READER_INPUTS = ("text_input_ids", "text_attention_mask", "text_labels")
 # Written into every checkpoint and output: what a resumed run must match, and the recipe for the model card.
 TRAINING_RECORD = "clara_training.json"
 RECIPE_FIELDS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "max_length", "weight_decay", "max_grad_norm", "seed", "bf16",
+    "gradient_accumulation_steps", "max_length", "weight_decay", "max_grad_norm", "seed", "bf16", "distillation_weight",
 )
 
 
@@ -47,8 +51,10 @@ class ClaraTrainer(Trainer):
     - The loss is the model's own (`ClaraForRAG.forward`): the CE normalised by the labelled-token count and the MSE
       by the document count of the whole accumulated (and, by default, global) batch, so gradient accumulation and
       data parallelism give the gradient of one large batch.
-    - `lm_loss`, `mse_loss` (and in stage 3 `recall@k`, `precision@k`) are logged beside `loss`, and the fractions
-      of documents, questions and answers that were truncated to fit.
+    - With `distillation_weight` (stages 1 and 2, [`TextDistillationConfig`]), `distillation_weight` x the KL from the
+      bare base reading the documents' text to the generator, per answer token, joins the loss, divided like the CE.
+    - `lm_loss`, `mse_loss`, `distillation_loss` (and in stage 3 `recall@k`, `precision@k`) are logged beside
+      `loss`, and the fractions of documents, questions and answers that were truncated to fit.
     - A saved checkpoint records `training_stage` in its config and is a complete `ClaraForRAG`; it also holds
       `clara_training.json` (stage, training data fingerprint), and resuming from a checkpoint of another stage or
       made on other training data raises before training.
@@ -88,7 +94,8 @@ class ClaraTrainer(Trainer):
             "stage": self.stage,
             "train_file": _fingerprint(args.train_file),
             # For the model card: the settings that make the recipe (the model's own are in config.json).
-            "recipe": {name: getattr(args, name) for name in RECIPE_FIELDS} | {"world_size": args.world_size},
+            "recipe": {name: getattr(args, name) for name in RECIPE_FIELDS if hasattr(args, name)}
+            | {"world_size": args.world_size},
         }
         if train_dataset is None and args.train_file:
             train_dataset = self.load_data(args.train_file, model, args)
@@ -168,6 +175,14 @@ class ClaraTrainer(Trainer):
         them, None for a collator that only checks rows (`load_data`)."""
         raise NotImplementedError
 
+    @staticmethod
+    def text_max_length(model: ClaraForRAG, args) -> int | None:
+        """For the collator of a stage that distils from the text: the longest text sequence the base reads (its
+        context); None when the stage does not distil."""
+        if args.distillation_weight == 0:
+            return None
+        return getattr(model.config.text_config, "max_position_embeddings", None) or sys.maxsize
+
     # ---------------------------------------------------------------- loss and metrics
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -194,11 +209,36 @@ class ClaraTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         positive_mask = inputs.pop("positive_mask", None)
         truncation = {name: inputs.pop(name) for name in TRUNCATION_METRICS if name in inputs}
+        text_inputs = {name: inputs.pop(name) for name in TEXT_READER_INPUTS if name in inputs}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if text_inputs:
+            distillation = self._distillation_loss(model, inputs, outputs, text_inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # As `Trainer.compute_loss` scales the CE: the global token count divides each rank's sum.
+                distillation = distillation * self.accelerator.num_processes
+            loss = loss + self.args.distillation_weight * distillation
         self._record_metrics(model, inputs, outputs, positive_mask, num_items_in_batch)
         for name, fraction in truncation.items():
             self._metrics["train" if model.training else "eval"][name].append(fraction.detach())
         return (loss, outputs) if return_outputs else loss
+
+    def _distillation_loss(self, model, inputs, outputs, text_inputs, num_items_in_batch) -> torch.Tensor:
+        """KL(text reader || generator) summed over the answer tokens the generator is trained on, divided by the
+        accumulated batch's labelled tokens like the CE (a mean without them). The text reader's answers are never
+        cut, so the generator's answer tokens, cut or not by `max_length`, are the first of the text reader's."""
+        answer = inputs["labels"][:, 1:] != -100
+        text_answer = text_inputs["text_labels"][:, 1:] != -100
+        text_answer &= text_answer.cumsum(-1) <= answer.sum(-1, keepdim=True)
+        precision = torch.promote_types(outputs.logits.dtype, torch.float32)  # bf16 logits compared in float32
+        with torch.no_grad():
+            text_logits = self.accelerator.unwrap_model(model).text_logits(
+                text_inputs["text_input_ids"], text_inputs["text_attention_mask"]
+            )
+            text_log_probs = torch.log_softmax(text_logits[:, :-1][text_answer].to(precision), dim=-1)
+        log_probs = torch.log_softmax(outputs.logits[:, :-1][answer].to(precision), dim=-1)
+        per_token = F.kl_div(log_probs, text_log_probs, reduction="none", log_target=True).sum(-1)
+        self._metrics["train" if model.training else "eval"]["distillation_loss"].append(per_token.detach().mean())
+        return per_token.mean() if num_items_in_batch is None else per_token.sum() / num_items_in_batch
 
     @torch.no_grad()
     def _record_metrics(self, model, inputs, outputs, positive_mask, num_items_in_batch) -> None:

@@ -3,6 +3,8 @@
 
 import torch
 
+from modeling_clara.processing_clara import compressed_text
+
 __all__ = [
     "SCP_QA_SYSTEM_PROMPT",
     "SCP_QA_INSTRUCTION",
@@ -79,7 +81,53 @@ class _GeneratorPrompts:
         return batch
 
 
-class SCPCollator(_GeneratorPrompts):
+class _OwnDocuments(_GeneratorPrompts):
+    """Stages 1 and 2, whose generator reads each row's own documents (`documents`), all of them, compressed.
+
+    With `text_max_length` (distillation from the text), each batch also holds the text reader's inputs,
+    `text_input_ids`, `text_attention_mask` and `text_labels`: the same prompts and answers with the row's documents
+    as raw text, cut to what the compressor reads, in place of their memories. They are never cut to `max_length`,
+    so the generator's answer tokens are the first of the text reader's; a row whose text sequence is longer than
+    `text_max_length` (the base's context) is refused when read.
+    """
+
+    def __init__(self, processor, max_length: int, text_max_length: int | None = None):
+        super().__init__(processor, max_length)
+        self.text_max_length = text_max_length
+
+    def documents(self, rows: list[dict]) -> list[list[str]]:
+        raise NotImplementedError
+
+    def check_rows(self, rows: list[dict]) -> list[str | None]:
+        reasons = super().check_rows(rows)
+        if self.text_max_length is None:
+            return reasons
+        text_lengths = self.text_batch(rows)["text_attention_mask"].sum(-1).tolist()
+        return [
+            reason or (
+                f"its text prompt and answer (distillation from the text) have {n} tokens, more than the base model's "
+                f"context ({self.text_max_length} positions)" if n > self.text_max_length else None
+            )
+            for reason, n in zip(reasons, text_lengths)
+        ]
+
+    def text_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """The text reader's inputs (see the class docstring)."""
+        fields = {name: value for name, value in self.prompt_fields(rows).items() if name != "num_documents"}
+        tokenizer, doc_max_length = self.processor.tokenizer, self.processor.doc_max_length
+        documents = [[compressed_text(text, tokenizer, doc_max_length) for text in texts] for texts in self.documents(rows)]
+        batch = self.processor.tokenize_for_generation(**fields, documents=documents, answers=self.answers(rows))
+        return {f"text_{name}": value for name, value in batch.items()}
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.generator_batch(rows)
+        batch.update(_document_tensors(self.processor, self.documents(rows)))
+        if self.text_max_length is not None:
+            batch.update(self.text_batch(rows))
+        return batch
+
+
+class SCPCollator(_OwnDocuments):
     """Stage 1: the compressor reads the document; the generator, seeing only its memories, produces all its QA
     pairs ("Question: ...\\nAnswer: ..." lines) or its paraphrase, each under its instruction.
 
@@ -101,13 +149,11 @@ class SCPCollator(_GeneratorPrompts):
             for row in rows
         ]
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.generator_batch(rows)
-        batch.update(_document_tensors(self.processor, [[row["document"]] for row in rows]))
-        return batch
+    def documents(self, rows: list[dict]) -> list[list[str]]:
+        return [[row["document"]] for row in rows]
 
 
-class InstructCollator(_GeneratorPrompts):
+class InstructCollator(_OwnDocuments):
     """Stage 2: the generator reads all of a question's documents (top-5 in the reference) and learns the answer.
 
     Example: `InstructCollator(model.processor, max_length=2048)(rows)` -> `model(**batch)` inputs.
@@ -116,10 +162,8 @@ class InstructCollator(_GeneratorPrompts):
     def prompt_fields(self, rows: list[dict]) -> dict:
         return {"questions": [row["question"] for row in rows], "num_documents": [len(row["documents"]) for row in rows]}
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.generator_batch(rows)
-        batch.update(_document_tensors(self.processor, [row["documents"] for row in rows]))
-        return batch
+    def documents(self, rows: list[dict]) -> list[list[str]]:
+        return [row["documents"] for row in rows]
 
 
 class JointCollator(_GeneratorPrompts):

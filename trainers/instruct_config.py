@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from .clara_config import ClaraTrainingConfig
+from .clara_config import ClaraTrainingConfig, TextDistillationConfig
 
 __all__ = ["InstructConfig"]
 
@@ -9,10 +9,11 @@ GeneratorInit = Literal["reinit", "keep"]
 
 
 @dataclass
-class InstructConfig(ClaraTrainingConfig):
+class InstructConfig(TextDistillationConfig, ClaraTrainingConfig):
     r"""
     Stage 2, compression instruction tuning: from a stage-1 checkpoint, the compressor and the generator learn to
-    answer a question from the memories of its documents (top-5 in the reference). Loss: CE + MSE.
+    answer a question from the memories of its documents (top-5 in the reference). Loss: CE + MSE (+
+    `distillation_weight` * KL, see [`TextDistillationConfig`]).
 
     > Stage options
 

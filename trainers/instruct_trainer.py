@@ -31,4 +31,4 @@ class InstructTrainer(ClaraTrainer):
             model.reset_adapter("generator")
 
     def build_collator(self, model: ClaraForRAG, args: InstructConfig, datasets: list | None) -> InstructCollator:
-        return InstructCollator(model.processor, args.max_length)
+        return InstructCollator(model.processor, args.max_length, self.text_max_length(model, args))

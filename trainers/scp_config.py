@@ -1,16 +1,17 @@
 from dataclasses import dataclass, field
 
-from .clara_config import ClaraTrainingConfig
+from .clara_config import ClaraTrainingConfig, TextDistillationConfig
 
 __all__ = ["SCPConfig"]
 
 
 @dataclass
-class SCPConfig(ClaraTrainingConfig):
+class SCPConfig(TextDistillationConfig, ClaraTrainingConfig):
     r"""
     Stage 1, salient compressor pretraining: compressor, generator and added-token embeddings learn to rebuild a
-    document's QA pairs and paraphrases from its memories. Loss: CE + `mse_weight` * MSE. The compression and LoRA
-    settings of the model it builds are [`ClaraModelConfig`] fields.
+    document's QA pairs and paraphrases from its memories. Loss: CE + `mse_weight` * MSE (+ `distillation_weight` *
+    KL, see [`TextDistillationConfig`]). The compression and LoRA settings of the model it builds are
+    [`ClaraModelConfig`] fields.
 
     > Defaults that differ from [`ClaraTrainingConfig`]
 

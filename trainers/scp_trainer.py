@@ -32,4 +32,4 @@ class SCPTrainer(ClaraTrainer):
         return ClaraForRAG.from_base_model(base, tokenizer, **model_args.config_overrides())
 
     def build_collator(self, model: ClaraForRAG, args: SCPConfig, datasets: list | None) -> SCPCollator:
-        return SCPCollator(model.processor, args.max_length)
+        return SCPCollator(model.processor, args.max_length, self.text_max_length(model, args))
