@@ -44,33 +44,49 @@ def single_run(base_dir, directory, *options):
     return directory, data, output
 
 
-@pytest.fixture(scope="module")
-def single_process_run(tiny_base_dir, tmp_path_factory):
-    return single_run(tiny_base_dir, tmp_path_factory.mktemp("distributed"))
+# Options of the stage-1 runs compared: centred memories take the batch mean over both processes, as one process
+# takes it over its batch; distillation's KL is divided by the global count of answer tokens, as the CE is.
+VARIANTS = {
+    "plain": [],
+    "centered": ["--center_memories", "true"],
+    "distilled": ["--distillation_weight", "1"],
+}
 
 
 @pytest.fixture(scope="module")
-def centered_single_process_run(tiny_base_dir, tmp_path_factory):
-    return single_run(tiny_base_dir, tmp_path_factory.mktemp("distributed_centered"), "--center_memories", "true")
+def single_process_runs(tiny_base_dir, tmp_path_factory):
+    """`variant -> single_run(...)`, each run once per module."""
+    runs = {}
+
+    def run_of(variant):
+        if variant not in runs:
+            directory = tmp_path_factory.mktemp(f"distributed_{variant}")
+            runs[variant] = single_run(tiny_base_dir, directory, *VARIANTS[variant])
+        return runs[variant]
+
+    return run_of
+
+
+@pytest.fixture(scope="module")
+def single_process_run(single_process_runs):
+    return single_process_runs("plain")
 
 
 @pytest.mark.parametrize(
-    "launcher, centered", [("ddp", False), ("zero2", False), ("zero3", False), ("ddp", True), ("zero3", True)]
+    "launcher, variant",
+    [("ddp", "plain"), ("zero2", "plain"), ("zero3", "plain"), ("ddp", "centered"), ("zero3", "centered"),
+     ("ddp", "distilled"), ("zero3", "distilled")],
 )
-def test_two_processes_match_one(launcher, centered, request, tiny_base_dir):
-    # Centred memories take the batch mean over both processes, as one process takes it over its batch.
-    directory, data, single_output = request.getfixturevalue(
-        "centered_single_process_run" if centered else "single_process_run"
-    )
+def test_two_processes_match_one(launcher, variant, single_process_runs, tiny_base_dir):
+    directory, data, single_output = single_process_runs(variant)
     output = directory / launcher
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    arguments = common_arguments(tiny_base_dir, data, output) + ["--per_device_train_batch_size", "2"]
-    arguments += ["--center_memories", "true"] if centered else []
+    arguments = common_arguments(tiny_base_dir, data, output) + ["--per_device_train_batch_size", "2", *VARIANTS[variant]]
     config_file = ROOT / "hub_configs" / "accelerate" / f"{launcher}.yaml"
     run([*accelerate, "--config_file", str(config_file), "-m", "clara_cli.main", "train", "scp", *arguments])
 
     expected = load_file(single_output / "clara_adapters.safetensors")
-    if centered:
+    if variant == "centered":
         assert expected["memory_scale"] > 0 and expected["memory_mean"].abs().sum() > 0
     # The checkpoint loads through from_pretrained, and every adapter holds its own trained weights.
     loaded = ClaraForRAG.from_pretrained(output).state_dict()
