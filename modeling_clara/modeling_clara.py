@@ -1059,16 +1059,20 @@ class ClaraForRAG(ClaraPreTrainedModel):
         with self.adapter(None):
             return self._generate(self.embed_tokens(batch["input_ids"]), batch["attention_mask"], **generate_kwargs)
 
-    def text_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def text_logits(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+    ) -> torch.Tensor:
         """Next-token logits `[B, T, vocab]` of the uncompressed baseline, teacher-forced: the bare base model
-        (adapters off) over `ClaraProcessor.tokenize_for_generation(..., documents=...)` output. The trainers'
-        distillation from the text reads them."""
+        (adapters off) over `ClaraProcessor.tokenize_for_generation(..., documents=...)` output. With
+        `logits_to_keep` k > 0, only the last k positions' `[B, k, vocab]` (the answers, as prompts are left-padded);
+        the LM head then skips the rest. The trainers' distillation from the text reads them."""
         with self.adapter(None):
             return self.language_model(
                 inputs_embeds=self.embed_tokens(input_ids),
                 attention_mask=attention_mask,
                 position_ids=_position_ids(attention_mask),
                 use_cache=False,
+                logits_to_keep=logits_to_keep,
             ).logits
 
     def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> list[str]:

@@ -229,12 +229,15 @@ class ClaraTrainer(Trainer):
         answer = inputs["labels"][:, 1:] != -100
         text_answer = text_inputs["text_labels"][:, 1:] != -100
         text_answer &= text_answer.cumsum(-1) <= answer.sum(-1, keepdim=True)
+        # Prompts are left-padded, so the answers end every row: the text reader's LM head runs on the positions
+        # from the earliest one that predicts an answer token on (the last is dropped below, as for the generator).
+        keep = text_answer.shape[1] - int(text_answer.int().argmax(-1).min()) + 1
         precision = torch.promote_types(outputs.logits.dtype, torch.float32)  # bf16 logits compared in float32
         with torch.no_grad():
             text_logits = self.accelerator.unwrap_model(model).text_logits(
-                text_inputs["text_input_ids"], text_inputs["text_attention_mask"]
+                text_inputs["text_input_ids"], text_inputs["text_attention_mask"], logits_to_keep=keep
             )
-            text_log_probs = torch.log_softmax(text_logits[:, :-1][text_answer].to(precision), dim=-1)
+            text_log_probs = torch.log_softmax(text_logits[:, :-1][text_answer[:, -(keep - 1) :]].to(precision), dim=-1)
         log_probs = torch.log_softmax(outputs.logits[:, :-1][answer].to(precision), dim=-1)
         per_token = F.kl_div(log_probs, text_log_probs, reduction="none", log_target=True).sum(-1)
         self._metrics["train" if model.training else "eval"]["distillation_loss"].append(per_token.detach().mean())
