@@ -61,7 +61,7 @@ STAGE_SETTINGS = {
                 "prose_root", "scp_distillation_weight"},
     "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size", "instruct_answers",
                 "teacher_max_new_tokens", "instruct_distillation_weight"},
-    "stage 3": {"joint_epochs", "joint_learning_rate"},
+    "stage 3": {"joint_epochs", "joint_learning_rate", "joint_batch_size"},
 }
 # The results' sections that phases write into; results["phase_results"] names what each finished phase wrote.
 MEASUREMENTS = ("answers", "retrieved_answers", "reconstruction", "memories", "memory_use", "retrieval", "training")
@@ -102,6 +102,11 @@ class StudyConfig:
     )
     instruct_batch_size: int | None = field(
         default=None, metadata={"help": "Stage-2 rows per step (default: --batch_size)."}
+    )
+    joint_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Stage-3 rows per step (default: --batch_size). Its query reasoner needs the steps "
+                  "(docs/diagnosis.md, Finding 27)."},
     )
     instruct_answers: Literal["gold", "teacher"] = field(
         default="gold",
@@ -197,8 +202,9 @@ class StudyConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.prose_passages < 0:
             raise ValueError(f"--prose_passages must be >= 0, got {self.prose_passages}.")
-        if self.instruct_batch_size is not None and self.instruct_batch_size < 1:
-            raise ValueError(f"--instruct_batch_size must be >= 1, got {self.instruct_batch_size}.")
+        for name in ("instruct_batch_size", "joint_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.teacher_max_new_tokens is not None and (self.instruct_answers != "teacher" or self.teacher_max_new_tokens < 1):
             raise ValueError(f"--teacher_max_new_tokens {self.teacher_max_new_tokens}: a number >= 1, for "
                              f"--instruct_answers teacher (here {self.instruct_answers!r}).")
@@ -778,7 +784,10 @@ class Study:
         config, data = self.config, self.data
         # The generator reads the query reasoner's top-1 candidate, as in the evaluation.
         model.config.generation_top_k = 1
-        settings = training_settings(config, self.output / name / "joint", config.joint_epochs, config.joint_learning_rate)
+        settings = training_settings(
+            config, self.output / name / "joint", config.joint_epochs, config.joint_learning_rate,
+            config.joint_batch_size,
+        )
         self.results["training"][f"{name} stage 3"] = train_stage(
             JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True
         )
@@ -836,9 +845,9 @@ def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str |
 # ---------------------------------------------------------------- report
 
 
-def stage_2_batch_note(settings: dict) -> str:
-    """Stage 2's batch, where it is not stage 1's."""
-    batch = settings.get("instruct_batch_size")  # runs made before --instruct_batch_size used --batch_size
+def batch_note(settings: dict, stage: str) -> str:
+    """A later stage's batch (`stage` "instruct" or "joint"), where it is not stage 1's."""
+    batch = settings.get(f"{stage}_batch_size")  # runs made before the option used --batch_size
     return f" (batch {batch})" if batch and batch != settings["batch_size"] else ""
 
 
@@ -882,10 +891,11 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
         "epochs (generator "
         f"kept); stage 3: {counts.get('joint_rows')} train questions, each among its passage and "
         f"{settings['negatives']} BM25 hard negatives, no relevance labels, the generator reading the query "
-        f"reasoner's top 1, {settings['joint_epochs']} epochs at lr {settings['joint_learning_rate']}; batch "
+        f"reasoner's top 1, {settings['joint_epochs']} epochs at lr {settings['joint_learning_rate']}"
+        f"{batch_note(settings, 'joint')}; batch "
         f"{settings['batch_size']}, lr {settings['learning_rate']} in stage 1 and "
         f"{settings.get('instruct_learning_rate', settings['learning_rate'])} in stage 2"
-        f"{stage_2_batch_note(settings)}{distillation_note(settings)}; memories "
+        f"{batch_note(settings, 'instruct')}{distillation_note(settings)}; memories "
         f"{'centred over documents' if settings.get('center_memories') else 'as they are (not centred)'}.",
         "",
         "## Answers on held-out questions, the generator reading only the question's own passage (k=1)",

@@ -52,7 +52,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
         "data": scp_file(tmp_path / "scp.jsonl"), "base": tiny_base_dir, "output_dir": tmp_path / "run",
         "docs_dir": tmp_path / "docs", "export_dir": tmp_path / "export", "doc_max_length": 48, "held_out": 3,
         "negatives": 2, "scp_epochs": 1, "instruct_epochs": 1, "joint_epochs": 1, "batch_size": 4,
-        "instruct_batch_size": 2, "max_new_tokens": 3, "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
+        "instruct_batch_size": 2, "joint_batch_size": 5, "max_new_tokens": 3, "reconstruction_tokens": 4, "eval_batch_size": 4, "max_length": 512, "export_base": other_base,
         "learning_rate": 1e-3, "instruct_learning_rate": 2e-4, "joint_learning_rate": 3e-5,
     }
     arguments = [f"--{key}={value}" for key, value in settings.items()] + ["--rates", "4", "8"]
@@ -67,7 +67,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     assert {"random", "bm25"} <= set(results["retrieval"]["baselines"])
     assert {"cr8 stage-2 compressor as query reasoner", "cr8 stage-3 query reasoner"} <= set(results["retrieval"])
     assert results["training"]["cr4 stage 1"]["steps"] == 3 and not results["skipped"]
-    assert results["training"]["cr4 stage 2"]["steps"] == 5 and results["training"]["cr4 stage 3"]["steps"] == 3
+    assert results["training"]["cr4 stage 2"]["steps"] == 5 and results["training"]["cr4 stage 3"]["steps"] == 2
     assert learning_rates == {"SCPTrainer": {1e-3}, "InstructTrainer": {2e-4}, "JointTrainer": {3e-5}}
     for stage in stages:
         use = results["memory_use"][f"cr8 {stage}"]
@@ -77,6 +77,7 @@ def test_the_study_runs_every_phase_and_writes_its_report(reproduce, tiny_base_d
     report = (tmp_path / "docs" / "reproduction.md").read_text()
     assert "| cr8 stage 3 |" in report and "Recall@1" in report and "answers: own" in report
     assert "memories centred over documents" in report and "lr 0.001 in stage 1 and 0.0002 in stage 2 (batch 2)" in report
+    assert "1.0 epochs at lr 3e-05 (batch 5); batch 4" in report
     assert "passages cut to the 48 tokens the compressor reads (0 were longer; 0 QA pairs" in report
     # The first rate's stage-2 model, adapter-only in bf16, its query reasoner (the compressor's copy) stored once.
     exported = tmp_path / "export"
@@ -488,6 +489,8 @@ def test_the_study_adds_prose_to_stage_1_when_asked(reproduce, tiny_base_dir, tm
         reproduce.StudyConfig(prose_passages=-1)
     with pytest.raises(ValueError, match="--instruct_batch_size must be >= 1"):
         reproduce.StudyConfig(instruct_batch_size=0)
+    with pytest.raises(ValueError, match="--joint_batch_size must be >= 1"):
+        reproduce.StudyConfig(joint_batch_size=0)
     with pytest.raises(ValueError, match="Unknown --prose_source 'wikipedia'"):
         reproduce.StudyConfig(prose_source="wikipedia")
 
