@@ -362,23 +362,27 @@ def trainer_step_time(model: ClaraForRAG, documents: list[str], answers: list[st
 def training_steps(
     model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int, repeats: int = 3
 ) -> list[dict]:
-    """Optimizer steps of stage 1 and stage 3 (documents recomputed and precomputed) on `rows` rows, against a plain
-    peft LoRA step of `base` (same rank, all linear layers) over the same tokens: the documents and the generator
-    sequences. Stage 3's row i reads documents i to i+3, so `documents` holds at least `rows + 3`. Each time is the
-    mean of `repeats` steps after a warm-up."""
+    """Optimizer steps of stage 1, stage 2 (answers of 8 tokens; also with the LM head on every position, as before
+    `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows` rows, against a plain peft LoRA
+    step of `base` (same rank, all linear layers) over the same tokens: the documents and the generator sequences.
+    Stage 3's row i reads documents i to i+3, so `documents` holds at least `rows + 3`. Each time is the mean of
+    `repeats` steps after a warm-up."""
     from peft import LoraConfig, get_peft_model
 
-    from trainers.collators import JointCollator, SCPCollator
+    from trainers.collators import InstructCollator, JointCollator, SCPCollator
 
     if len(documents) < rows + 3:
         raise ValueError(f"{rows} rows of stage 3 read {rows + 3} documents; got {len(documents)}.")
 
     def to_device(batch, drop):
-        return {k: v.to(model.device) for k, v in batch.items() if k not in drop}
+        return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in drop}
 
     truncation = ("truncated_documents", "truncated_answers", "truncated_questions", "positive_mask")
     scp_rows = [{"data_type": "paraphrase", "questions": [], "answers": [answers[i]], "document": documents[i]} for i in range(rows)]
     scp = to_device(SCPCollator(model.processor, 1024)(scp_rows), truncation)
+    instruct_rows = [{"question": QUESTION, "documents": [documents[i]], "answer": cut_to_tokens(model, [answers[i]], 8)[0]}
+                     for i in range(rows)]
+    instruct = to_device(InstructCollator(model.processor, 1024)(instruct_rows), truncation)
     joint_rows = [{"question": QUESTION, "documents": documents[i : i + 4], "answer": answers[i], "positives": [0]} for i in range(rows)]
     model.config.generation_top_k = 2  # the generator reads 2 of the 4 candidates
     joint = to_device(JointCollator(model.processor, 1024, top_k=2)(joint_rows), truncation)
@@ -390,6 +394,8 @@ def training_steps(
 
     model.set_trainable_components(["compressor", "generator", "added_token_embeddings"])
     stage1 = _step_time(model, lambda: model(**scp).loss, repeats)
+    stage2 = _step_time(model, lambda: model(**instruct).loss, repeats)
+    stage2_all_logits = _step_time(model, lambda: model(**instruct | {"logits_to_keep": 0}).loss, repeats)
     model.set_trainable_components(["query_reasoner", "generator"])
     stage3 = _step_time(model, lambda: model(**joint).loss, repeats)
     stage3_pre = _step_time(model, lambda: model(**precomputed).loss, repeats)
@@ -404,10 +410,13 @@ def training_steps(
 
     scp_sequences = [(scp["input_ids"], scp["attention_mask"]),
                      (scp["document_input_ids"].flatten(0, 1), scp["document_attention_mask"].flatten(0, 1))]
+    instruct_sequences = [(instruct["input_ids"], instruct["attention_mask"]), scp_sequences[1]]  # the same documents
     joint_sequences = [(joint["input_ids"], joint["attention_mask"]), (joint["query_input_ids"], joint["query_attention_mask"]), flat]
     plain_scp = _step_time(plain, lambda: plain_loss(scp_sequences), repeats)
+    plain_instruct = _step_time(plain, lambda: plain_loss(instruct_sequences), repeats)
     plain_joint = _step_time(plain, lambda: plain_loss(joint_sequences), repeats)
     scp_tokens = sum(int(mask.sum()) for _, mask in scp_sequences)
+    instruct_tokens = sum(int(mask.sum()) for _, mask in instruct_sequences)
     joint_tokens = sum(int(mask.sum()) for _, mask in joint_sequences)
     return [
         {"what": name, "rows": rows, "tokens": tokens, "step_s": seconds, "tokens_per_s": tokens / seconds,
@@ -415,6 +424,9 @@ def training_steps(
         for name, (seconds, megabytes), tokens, reference in [
             ("stage 1 (scp)", stage1, scp_tokens, plain_scp[0]),
             ("plain LoRA step, stage-1 tokens", plain_scp, scp_tokens, plain_scp[0]),
+            ("stage 2 (instruct)", stage2, instruct_tokens, plain_instruct[0]),
+            ("stage 2, LM head on every position", stage2_all_logits, instruct_tokens, plain_instruct[0]),
+            ("plain LoRA step, stage-2 tokens", plain_instruct, instruct_tokens, plain_instruct[0]),
             ("stage 3 (joint), documents recomputed", stage3, joint_tokens, plain_joint[0]),
             ("stage 3 (joint), documents precomputed", stage3_pre, joint_tokens, plain_joint[0]),
             ("plain LoRA step, stage-3 tokens", plain_joint, joint_tokens, plain_joint[0]),

@@ -71,7 +71,7 @@ class ClaraOutput(ModelOutput):
         loss: `lm_loss + mse_weight * mse_loss` (the MSE term only when documents are compressed with gradients).
         lm_loss: next-token cross-entropy over the labelled (answer) tokens.
         mse_loss: MSE between the mean memory state and the mean document-token state.
-        logits: the generator's logits `[B, T, vocab]`.
+        logits: the generator's logits `[B, T, vocab]`, or of its last positions `[B, logits_to_keep, vocab]`.
         retrieval_scores: cosine scores `[B, N]` of the query against each candidate (retrieval mode only).
         selected_indices: candidates picked by the top-k, in rank order `[B, k]` (retrieval mode only).
     """
@@ -811,6 +811,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         query_input_ids: torch.LongTensor | None = None,
         query_attention_mask: torch.Tensor | None = None,
         num_documents_in_batch: int | torch.Tensor | None = None,
+        logits_to_keep: int = 0,
         **loss_kwargs,
     ) -> ClaraOutput:
         """Training forward for the three stages; `loss` is the training loss, nothing is added outside.
@@ -829,6 +830,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
         Normalisation over an accumulated (and global) batch, as the Trainer passes it: `num_items_in_batch` (in
         `loss_kwargs`, the labelled-token count) divides the summed CE, `num_documents_in_batch` the summed MSE;
         without them both are means over this batch.
+
+        `logits_to_keep` k > 0: the LM head runs on the last k positions only (the collators pass the positions
+        from the one that predicts the earliest answer token on), which saves its time and the memory of
+        `[B, T, vocab]` logits. Every labelled token must lie in the last k - 1 positions; one before raises (on a
+        GPU asynchronously, as a device-side assert, so the host does not wait).
         """
         if (document_input_ids is None) == (document_memories is None):
             raise ValueError("Pass exactly one of document_input_ids and document_memories.")
@@ -870,6 +876,15 @@ class ClaraForRAG(ClaraPreTrainedModel):
         else:
             selected = document_memories
 
+        if logits_to_keep and labels is not None:
+            if not 0 < logits_to_keep <= labels.shape[1]:
+                raise ValueError(f"logits_to_keep={logits_to_keep} must be between 1 and the {labels.shape[1]} positions.")
+            # Position i's logits predict token i + 1; no position predicts token 0.
+            torch._assert_async(
+                (labels[:, 1 : labels.shape[1] - logits_to_keep + 1] == -100).all(),
+                f"labels before the last {logits_to_keep - 1} positions: logits_to_keep={logits_to_keep} drops them",
+            )
+            labels = labels[:, -logits_to_keep:]
         with self.adapter("generator"):
             outputs = self.language_model(
                 inputs_embeds=self.generator_embeddings(input_ids, selected),
@@ -877,6 +892,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 position_ids=_position_ids(attention_mask),
                 labels=labels,
                 use_cache=False,
+                logits_to_keep=logits_to_keep,
                 **loss_kwargs,
             )
         lm_loss = outputs.loss

@@ -627,6 +627,35 @@ def test_precomputed_document_memories_give_the_same_retrieval_loss(clara):
     torch.testing.assert_close(from_tokens.loss, from_memories.loss, atol=1e-5, rtol=1e-5)
 
 
+def test_the_answers_logits_alone_give_the_same_loss_and_gradients(clara):
+    model = clara.double().eval()  # float64: the two paths agree to rounding on any machine
+    model.set_trainable_components(["compressor", "generator", "added_token_embeddings"])
+    document_ids, document_mask = _document_batch(model, [DOCUMENTS[:2], DOCUMENTS[2:]])
+    batch = model.processor.tokenize_for_generation(QUESTIONS, 2, answers=["Paris", "Marie Curie"])
+    batch.update(document_input_ids=document_ids, document_attention_mask=document_mask)
+    first_answer_token = int((batch["labels"] != -100).any(0).int().argmax())
+    keep = batch["labels"].shape[1] - first_answer_token + 1  # from the position that predicts it
+    assert keep < batch["labels"].shape[1] - 10
+    outputs, gradients = [], []
+    for logits_to_keep in (0, keep):
+        model.zero_grad()
+        output = model(**batch, logits_to_keep=logits_to_keep)
+        output.loss.backward()
+        outputs.append(output)
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    full, kept = outputs
+    assert kept.logits.shape == (2, keep, full.logits.shape[-1])
+    torch.testing.assert_close(kept.logits, full.logits[:, -keep:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(kept.loss, full.loss, rtol=0, atol=1e-12)
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match="logits_to_keep=.* drops them"):
+        model(**batch, logits_to_keep=keep - 1)
+    with pytest.raises(ValueError, match="between 1 and the"):
+        model(**batch, logits_to_keep=batch["labels"].shape[1] + 1)
+
+
 def test_forward_bad_input_raises(clara):
     batch = clara.processor.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
     document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:1], DOCUMENTS[1:2]])

@@ -349,6 +349,21 @@ def test_rows_with_fewer_documents_are_padded_and_masked(tokenizer):
     assert torch.isfinite(output.loss)
 
 
+@pytest.mark.parametrize(
+    ("trainer_class", "config_class", "rows", "stage"),
+    [(SCPTrainer, SCPConfig, scp_rows, "scp"), (InstructTrainer, InstructConfig, instruct_rows, "instruct"),
+     (JointTrainer, JointConfig, joint_rows, "joint")],
+)
+def test_the_collators_keep_the_logits_of_the_answers_only(tokenizer, tmp_path, trainer_class, config_class, rows, stage):
+    model = new_model(tokenizer)
+    model.config.training_stage = {"scp": None, "instruct": "scp", "joint": "instruct"}[stage]  # what each starts from
+    trainer = trainer_class(model, stage_config(config_class, tmp_path), train_dataset=dataset(rows(), stage))
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    labelled = (batch["labels"] != -100).any(0)
+    length, first_answer_token = batch["labels"].shape[1], int(labelled.int().argmax())
+    assert batch["logits_to_keep"] == length - first_answer_token + 1 < length  # from the position predicting it
+
+
 def test_abbreviated_options_are_not_guessed():
     with pytest.raises(ValueError, match="'--compression_rat'"):
         parse_train_args("scp", ["--compression_rat", "16"])
@@ -408,7 +423,9 @@ def test_distillation_adds_the_kl_from_the_bare_base_reading_the_text_the_compre
 
     # The reference: each row alone, the text reader a fresh copy of the base, the answer tokens matched by hand.
     base = build_base("llama", len(tokenizer), initializer_range=0.5).double()
-    outputs = model(**{k: v for k, v in batch.items() if not k.startswith(("truncated", "text_"))})
+    # The reference's generator computes every position's logits; the trainer's only the answers' (logits_to_keep).
+    outputs = model(**{k: v for k, v in batch.items() if not k.startswith(("truncated", "text_", "logits_to_keep"))})
+    assert 0 < batch["logits_to_keep"] < outputs.logits.shape[1]
     divergences = []
     for row in range(2):
         student_positions = [t for t in range(batch["labels"].shape[1] - 1) if batch["labels"][row, t + 1] != -100]

@@ -226,7 +226,8 @@ class ClaraTrainer(Trainer):
         """KL(text reader || generator) summed over the answer tokens the generator is trained on, divided by the
         accumulated batch's labelled tokens like the CE (a mean without them). The text reader's answers are never
         cut, so the generator's answer tokens, cut or not by `max_length`, are the first of the text reader's."""
-        answer = inputs["labels"][:, 1:] != -100
+        # The generator's logits may be of the last positions only (`logits_to_keep`): its labels from the second.
+        answer = inputs["labels"][:, -outputs.logits.shape[1] :][:, 1:] != -100
         text_answer = text_inputs["text_labels"][:, 1:] != -100
         text_answer &= text_answer.cumsum(-1) <= answer.sum(-1, keepdim=True)
         # Prompts are left-padded, so the answers end every row: the text reader's LM head runs on the positions

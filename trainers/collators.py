@@ -49,6 +49,14 @@ def _document_tensors(processor, documents_per_row: list[list[str]]) -> dict[str
     }
 
 
+def _logits_to_keep(labels: torch.Tensor) -> int:
+    """How many last positions' logits the loss reads: from the one that predicts the batch's earliest labelled
+    token on (0: all, when nothing is labelled). Computed here, on the host, so that the model's forward need not
+    read the labels back from the device."""
+    predicted = (labels[:, 1:] != -100).any(0)  # position i + 1's label, predicted by position i's logits
+    return labels.shape[1] - int(predicted.int().argmax()) if predicted.any() else 0
+
+
 class _GeneratorPrompts:
     """What the stage collators share: each builds its generator prompts in `prompt_fields`, from which both the
     batch and `check_rows`, the check run when the data is loaded, are made."""
@@ -78,6 +86,7 @@ class _GeneratorPrompts:
         )
         # Truncation counts travel in the batch (they survive dataloader workers) and are logged by the trainer.
         batch["truncated_answers"] = torch.tensor(batch.pop("num_truncated") / len(batch["input_ids"]))
+        batch["logits_to_keep"] = _logits_to_keep(batch["labels"])
         return batch
 
 
