@@ -426,6 +426,7 @@ def test_distillation_adds_the_kl_from_the_bare_base_reading_the_text_the_compre
     # The reference's generator computes every position's logits; the trainer's only the answers' (logits_to_keep).
     outputs = model(**{k: v for k, v in batch.items() if not k.startswith(("truncated", "text_", "logits_to_keep"))})
     assert 0 < batch["logits_to_keep"] < outputs.logits.shape[1]
+    assert 0 < batch["text_logits_to_keep"] < batch["text_input_ids"].shape[1]  # the text reader's LM head, too
     divergences = []
     for row in range(2):
         student_positions = [t for t in range(batch["labels"].shape[1] - 1) if batch["labels"][row, t + 1] != -100]

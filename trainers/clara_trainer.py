@@ -25,7 +25,7 @@ __all__ = ["ClaraTrainer"]
 
 TRUNCATION_METRICS = ("truncated_documents", "truncated_questions", "truncated_answers")
 # The text reader's inputs, in the batches of a stage that distils from the text (see `TextDistillationConfig`).
-TEXT_READER_INPUTS = ("text_input_ids", "text_attention_mask", "text_labels")
+TEXT_READER_INPUTS = ("text_input_ids", "text_attention_mask", "text_labels", "text_logits_to_keep")
 # Written into every checkpoint and output: what a resumed run must match, and the recipe for the model card.
 TRAINING_RECORD = "clara_training.json"
 RECIPE_FIELDS = (
@@ -230,9 +230,9 @@ class ClaraTrainer(Trainer):
         answer = inputs["labels"][:, -outputs.logits.shape[1] :][:, 1:] != -100
         text_answer = text_inputs["text_labels"][:, 1:] != -100
         text_answer &= text_answer.cumsum(-1) <= answer.sum(-1, keepdim=True)
-        # Prompts are left-padded, so the answers end every row: the text reader's LM head runs on the positions
-        # from the earliest one that predicts an answer token on (the last is dropped below, as for the generator).
-        keep = text_answer.shape[1] - int(text_answer.int().argmax(-1).min()) + 1
+        # The text reader's LM head runs on the positions from the one that predicts its earliest answer token on
+        # (the collator counts them on the host; the last is dropped below, as for the generator).
+        keep = text_inputs["text_logits_to_keep"] or text_inputs["text_labels"].shape[1]  # 0: every position
         precision = torch.promote_types(outputs.logits.dtype, torch.float32)  # bf16 logits compared in float32
         with torch.no_grad():
             text_logits = self.accelerator.unwrap_model(model).text_logits(

@@ -95,7 +95,8 @@ class _OwnDocuments(_GeneratorPrompts):
 
     With `text_max_length` (distillation from the text), each batch also holds the text reader's inputs,
     `text_input_ids`, `text_attention_mask` and `text_labels`: the same prompts and answers with the row's documents
-    as raw text, cut to what the compressor reads, in place of their memories. They are never cut to `max_length`,
+    as raw text, cut to what the compressor reads, in place of their memories (and `text_logits_to_keep`, the text
+    reader's answer positions). They are never cut to `max_length`,
     so the generator's answer tokens are the first of the text reader's; a row whose text sequence is longer than
     `text_max_length` (the base's context) is refused when read.
     """
@@ -126,6 +127,7 @@ class _OwnDocuments(_GeneratorPrompts):
         tokenizer, doc_max_length = self.processor.tokenizer, self.processor.doc_max_length
         documents = [[compressed_text(text, tokenizer, doc_max_length) for text in texts] for texts in self.documents(rows)]
         batch = self.processor.tokenize_for_generation(**fields, documents=documents, answers=self.answers(rows))
+        batch["logits_to_keep"] = _logits_to_keep(batch["labels"])
         return {f"text_{name}": value for name, value in batch.items()}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
