@@ -8,7 +8,8 @@
 # time is left, benchmarks/performance.py.
 # Each `--variant NAME` adds a study that runs beside the others on the same GPU (a study's step is bound by the
 # host, not the GPU), with the options before the first `--variant` and then its own; without one, one study named
-# `run`. With variants the performance benchmarks are not run: their timings would share the GPU.
+# `run`. With variants the performance benchmarks are not run: their timings would share the GPU. GPU memory bounds
+# it: at --batch_size 64 one SmolLM2 study held 98.5 GiB of an H200 and a second beside it ran out (Finding 27).
 # Everything that comes back is under $OUT: each study's NAME.results.json and NAME.log, the models it exported (the
 # first rate's stage-2 model, in NAME/ of default.tar, in 15 MB parts default.tar.part*), performance.json and its
 # tables. A study's folder on the machine is /root/NAME (`--resume` goes on from there while the machine is warm).
