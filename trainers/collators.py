@@ -95,10 +95,10 @@ class _OwnDocuments(_GeneratorPrompts):
 
     With `text_max_length` (distillation from the text), each batch also holds the text reader's inputs,
     `text_input_ids`, `text_attention_mask` and `text_labels`: the same prompts and answers with the row's documents
-    as raw text, cut to what the compressor reads, in place of their memories (and `text_logits_to_keep`, the text
-    reader's answer positions). They are never cut to `max_length`,
-    so the generator's answer tokens are the first of the text reader's; a row whose text sequence is longer than
-    `text_max_length` (the base's context) is refused when read.
+    as raw text, cut to what the compressor reads, in place of their memories, and `text_logits_to_keep`, the text
+    reader's answer positions. They are never cut to `max_length`, so the generator's answer tokens are the first
+    of the text reader's; a row whose text sequence is longer than `text_max_length` (the base's context) is
+    refused when read.
     """
 
     def __init__(self, processor, max_length: int, text_max_length: int | None = None):
