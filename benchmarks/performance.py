@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from transformers import HfArgumentParser, LogitsProcessorList, MistralConfig, MistralForCausalLM
@@ -59,7 +60,10 @@ class PerformanceConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "Question batch sizes (latency)."})
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens decoded per answer."})
     compression_documents: int = field(default=64, metadata={"help": "Documents compressed (compression section)."})
-    training_rows: int = field(default=4, metadata={"help": "Rows per training step."})
+    training_rows: list[int] = field(default_factory=lambda: [4], metadata={"help": "Rows per training step: each is measured."})
+    training_stages: list[int] = field(
+        default_factory=lambda: [1, 2, 3], metadata={"help": "Stages timed in the training section, each against its plain LoRA step."}
+    )
     bank_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000], metadata={"help": "Bank sizes."})
     output: str = field(default=str(ROOT / "outputs" / "performance" / "results.json"), metadata={"help": "Raw results."})
     docs: str = field(
@@ -72,6 +76,10 @@ class PerformanceConfig:
         unknown = set(self.sections) - set(SECTIONS) or set(self.models) - {"smollm2", "mistral-shape"}
         if unknown:
             raise ValueError(f"Unknown sections or models: {sorted(unknown)}.")
+        if not self.training_stages or set(self.training_stages) - {1, 2, 3}:
+            raise ValueError(f"--training_stages takes stages among 1, 2 and 3; got {self.training_stages}.")
+        if not self.training_rows or min(self.training_rows) < 1:
+            raise ValueError(f"--training_rows must be at least 1; got {self.training_rows}.")
 
 
 class PeakMemory:
@@ -299,10 +307,17 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
     if model_name == "mistral-shape" and not torch.cuda.is_available():
         return  # backward through 4096-wide layers: minutes per step on 2 CPU cores
     model = build_model(model_name, config, 32).train()
-    documents = cut_to_tokens(model, real_documents(config.training_rows + 3), 256)
+    documents = cut_to_tokens(model, real_documents(max(config.training_rows) + 3), 256)
     answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
-    for row in training_steps(model, build_base(model_name, config)[0], documents, answers, config.training_rows):
-        record("training", {"model": model_name, **row})
+    for rows in config.training_rows:
+        try:
+            measured = training_steps(model, build_base(model_name, config)[0], documents, answers, rows,
+                                      stages=config.training_stages)
+        except torch.OutOfMemoryError:  # how many rows fit is a result too; the next count may still be measured
+            measured = [{"what": "out of memory", "rows": rows}]
+            torch.cuda.empty_cache()
+        for row in measured:
+            record("training", {"model": model_name, **row})
 
 
 def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
@@ -360,13 +375,14 @@ def trainer_step_time(model: ClaraForRAG, documents: list[str], answers: list[st
 
 
 def training_steps(
-    model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int, repeats: int = 3
+    model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int, repeats: int = 3,
+    stages: Iterable[int] = (1, 2, 3),
 ) -> list[dict]:
     """Optimizer steps of stage 1, stage 2 (answers of 8 tokens; also with the LM head on every position, as before
     `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows` rows, against a plain peft LoRA
     step of `base` (same rank, all linear layers) over the same tokens: the documents and the generator sequences.
-    Stage 3's row i reads documents i to i+3, so `documents` holds at least `rows + 3`. Each time is the mean of
-    `repeats` steps after a warm-up."""
+    Only the `stages` asked for are timed. Stage 3's row i reads documents i to i+3, so `documents` holds at least
+    `rows + 3`. Each time is the mean of `repeats` steps after a warm-up."""
     from peft import LoraConfig, get_peft_model
 
     from trainers.collators import InstructCollator, JointCollator, SCPCollator
@@ -386,19 +402,30 @@ def training_steps(
     joint_rows = [{"question": QUESTION, "documents": documents[i : i + 4], "answer": answers[i], "positives": [0]} for i in range(rows)]
     model.config.generation_top_k = 2  # the generator reads 2 of the 4 candidates
     joint = to_device(JointCollator(model.processor, 1024, top_k=2)(joint_rows), truncation)
-    with torch.no_grad():
-        flat = joint["document_input_ids"].flatten(0, 1), joint["document_attention_mask"].flatten(0, 1)
-        memories = model.memory_states(*flat, "compressor")[0]
-    precomputed = {k: v for k, v in joint.items() if k not in ("document_input_ids", "document_attention_mask")}
-    precomputed["document_memories"] = memories.reshape(*joint["document_input_ids"].shape[:2], *memories.shape[1:])
+    flat_documents = joint["document_input_ids"].flatten(0, 1), joint["document_attention_mask"].flatten(0, 1)
 
+    scp_sequences = [(scp["input_ids"], scp["attention_mask"]),
+                     (scp["document_input_ids"].flatten(0, 1), scp["document_attention_mask"].flatten(0, 1))]
+    instruct_sequences = [(instruct["input_ids"], instruct["attention_mask"]), scp_sequences[1]]  # the same documents
+    joint_sequences = [(joint["input_ids"], joint["attention_mask"]),
+                       (joint["query_input_ids"], joint["query_attention_mask"]), flat_documents]
+    timed = []  # (what, (seconds, megabytes), stage)
     model.set_trainable_components(["compressor", "generator", "added_token_embeddings"])
-    stage1 = _step_time(model, lambda: model(**scp).loss, repeats)
-    stage2 = _step_time(model, lambda: model(**instruct).loss, repeats)
-    stage2_all_logits = _step_time(model, lambda: model(**instruct | {"logits_to_keep": 0}).loss, repeats)
-    model.set_trainable_components(["query_reasoner", "generator"])
-    stage3 = _step_time(model, lambda: model(**joint).loss, repeats)
-    stage3_pre = _step_time(model, lambda: model(**precomputed).loss, repeats)
+    if 1 in stages:
+        timed.append(("stage 1 (scp)", _step_time(model, lambda: model(**scp).loss, repeats), 1))
+    if 2 in stages:
+        timed.append(("stage 2 (instruct)", _step_time(model, lambda: model(**instruct).loss, repeats), 2))
+        timed.append(("stage 2, LM head on every position",
+                      _step_time(model, lambda: model(**instruct | {"logits_to_keep": 0}).loss, repeats), 2))
+    if 3 in stages:
+        with torch.no_grad():
+            memories = model.memory_states(*flat_documents, "compressor")[0]
+        precomputed = {k: v for k, v in joint.items() if k not in ("document_input_ids", "document_attention_mask")}
+        precomputed["document_memories"] = memories.reshape(*joint["document_input_ids"].shape[:2], *memories.shape[1:])
+        model.set_trainable_components(["query_reasoner", "generator"])
+        timed.append(("stage 3 (joint), documents recomputed", _step_time(model, lambda: model(**joint).loss, repeats), 3))
+        timed.append(("stage 3 (joint), documents precomputed",
+                      _step_time(model, lambda: model(**precomputed).loss, repeats), 3))
 
     plain = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).train()
     vocabulary = plain.get_input_embeddings().num_embeddings
@@ -408,30 +435,18 @@ def training_steps(
         return sum(plain(input_ids=ids.masked_fill(ids >= vocabulary, 0), attention_mask=mask,
                          labels=ids.masked_fill(ids >= vocabulary, 0)).loss for ids, mask in sequences)
 
-    scp_sequences = [(scp["input_ids"], scp["attention_mask"]),
-                     (scp["document_input_ids"].flatten(0, 1), scp["document_attention_mask"].flatten(0, 1))]
-    instruct_sequences = [(instruct["input_ids"], instruct["attention_mask"]), scp_sequences[1]]  # the same documents
-    joint_sequences = [(joint["input_ids"], joint["attention_mask"]), (joint["query_input_ids"], joint["query_attention_mask"]), flat]
-    plain_scp = _step_time(plain, lambda: plain_loss(scp_sequences), repeats)
-    plain_instruct = _step_time(plain, lambda: plain_loss(instruct_sequences), repeats)
-    plain_joint = _step_time(plain, lambda: plain_loss(joint_sequences), repeats)
-    scp_tokens = sum(int(mask.sum()) for _, mask in scp_sequences)
-    instruct_tokens = sum(int(mask.sum()) for _, mask in instruct_sequences)
-    joint_tokens = sum(int(mask.sum()) for _, mask in joint_sequences)
-    return [
-        {"what": name, "rows": rows, "tokens": tokens, "step_s": seconds, "tokens_per_s": tokens / seconds,
-         "of_plain": seconds / reference, "peak_mb": megabytes}
-        for name, (seconds, megabytes), tokens, reference in [
-            ("stage 1 (scp)", stage1, scp_tokens, plain_scp[0]),
-            ("plain LoRA step, stage-1 tokens", plain_scp, scp_tokens, plain_scp[0]),
-            ("stage 2 (instruct)", stage2, instruct_tokens, plain_instruct[0]),
-            ("stage 2, LM head on every position", stage2_all_logits, instruct_tokens, plain_instruct[0]),
-            ("plain LoRA step, stage-2 tokens", plain_instruct, instruct_tokens, plain_instruct[0]),
-            ("stage 3 (joint), documents recomputed", stage3, joint_tokens, plain_joint[0]),
-            ("stage 3 (joint), documents precomputed", stage3_pre, joint_tokens, plain_joint[0]),
-            ("plain LoRA step, stage-3 tokens", plain_joint, joint_tokens, plain_joint[0]),
-        ]
-    ]
+    measured = []
+    for stage, sequences in ((1, scp_sequences), (2, instruct_sequences), (3, joint_sequences)):
+        if stage not in stages:
+            continue
+        plain_step = _step_time(plain, lambda: plain_loss(sequences), repeats)
+        tokens = sum(int(mask.sum()) for _, mask in sequences)
+        for what, (seconds, megabytes) in [(what, step) for what, step, of in timed if of == stage] + [
+            (f"plain LoRA step, stage-{stage} tokens", plain_step)
+        ]:
+            measured.append({"what": what, "rows": rows, "tokens": tokens, "step_s": seconds,
+                             "tokens_per_s": tokens / seconds, "of_plain": seconds / plain_step[0], "peak_mb": megabytes})
+    return measured
 
 
 def _step_time(model, loss_function, repeats: int = 3) -> tuple[float, float]:

@@ -1,9 +1,10 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from clara_cli.main import main, parse_train_args
 from modeling_clara import ClaraForRAG
@@ -119,6 +120,25 @@ def test_gradient_accumulation_matches_one_large_batch(tokenizer, tmp_path):
 
 
 # ---------------------------------------------------------------- checkpoints and bad input
+
+
+def test_training_stops_at_the_first_logging_step_with_a_non_finite_loss(tokenizer, tmp_path):
+    model = new_model(tokenizer)
+    generator_weight = next(p for n, p in model.named_parameters() if ".generator." in n and "lora_A" in n)
+
+    class PoisonAfterFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    generator_weight[0, 0] = float("nan")
+
+    config = stage_config(SCPConfig, tmp_path, max_steps=5, logging_steps=2)
+    trainer = SCPTrainer(model, config, train_dataset=dataset(scp_rows(), "scp"), callbacks=[PoisonAfterFirstStep()])
+    with pytest.raises(FloatingPointError, match=r"'lm_loss': nan.*up to step 2: the weights are no longer finite"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # not a step more
+    last = trainer.state.log_history[-1]  # logged before stopping; the Trainer's filter keeps `loss` finite-looking
+    assert last["step"] == 2 and math.isnan(last["lm_loss"]) and math.isfinite(last["loss"])
 
 
 def test_output_is_a_complete_checkpoint_of_its_stage(tokenizer, tmp_path):

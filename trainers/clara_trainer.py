@@ -4,6 +4,7 @@ batch, separate loss logging, retrieval metrics and saving complete `ClaraForRAG
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -291,6 +292,22 @@ class ClaraTrainer(Trainer):
         # Training's recorded metrics join the Trainer's logs; evaluation's are in its output already.
         logs = {**logs, **self._recorded_metrics("train", "")} if self.model.training else logs
         super().log(logs, *args, **kwargs)
+        if self.model.training:
+            self._stop_if_not_finite(logs)
+
+    def _stop_if_not_finite(self, logs: dict[str, float]) -> None:
+        """Raises when a logged loss or the gradient norm is NaN or infinite: an optimizer step has then made the
+        weights non-finite, and the Trainer's `logging_nan_inf_filter` would hide it from `loss`. Checked where the
+        values reach the host anyway, at each logging step. With fp16 the gradient norm is left out: its loss
+        scaler skips the steps whose gradients overflow."""
+        names = ["lm_loss", "mse_loss", "distillation_loss"] + ([] if self.args.fp16 else ["grad_norm"])
+        bad = {name: logs[name] for name in names if name in logs and not math.isfinite(logs[name])}
+        if bad:
+            raise FloatingPointError(
+                f"{type(self).__name__}: {bad} in the logging steps up to step {self.state.global_step}: the weights "
+                f"are no longer finite, so training stops (lr {self.args.learning_rate}, bf16 {self.args.bf16}). "
+                "Lower the learning rate, or look for the rows of that stretch of the data."
+            )
 
     # ---------------------------------------------------------------- saving
 
