@@ -296,10 +296,11 @@ class ClaraTrainer(Trainer):
             self._stop_if_not_finite(logs)
 
     def _stop_if_not_finite(self, logs: dict[str, float]) -> None:
-        """Raises when a logged loss or the gradient norm is NaN or infinite: an optimizer step has then made the
-        weights non-finite, and the Trainer's `logging_nan_inf_filter` would hide it from `loss`. Checked where the
-        values reach the host anyway, at each logging step. With fp16 the gradient norm is left out: its loss
-        scaler skips the steps whose gradients overflow."""
+        """Raises when a logged loss or the gradient norm is NaN or infinite: the optimizer has then stepped with
+        non-finite gradients (clipping spreads a NaN norm to all of them), so the weights are no longer finite, and
+        the Trainer's `logging_nan_inf_filter` would hide it from `loss`. Checked where the values reach the host
+        anyway, at each logging step. With fp16 the gradient norm is left out: its loss scaler skips the steps
+        whose gradients overflow."""
         names = ["lm_loss", "mse_loss", "distillation_loss"] + ([] if self.args.fp16 else ["grad_norm"])
         bad = {name: logs[name] for name in names if name in logs and not math.isfinite(logs[name])}
         if bad:
