@@ -394,32 +394,36 @@ def training_steps(
         return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items() if k not in drop}
 
     truncation = ("truncated_documents", "truncated_answers", "truncated_questions", "positive_mask")
-    scp_rows = [{"data_type": "paraphrase", "questions": [], "answers": [answers[i]], "document": documents[i]} for i in range(rows)]
-    scp = to_device(SCPCollator(model.processor, 1024)(scp_rows), truncation)
-    instruct_rows = [{"question": QUESTION, "documents": [documents[i]], "answer": cut_to_tokens(model, [answers[i]], 8)[0]}
-                     for i in range(rows)]
-    instruct = to_device(InstructCollator(model.processor, 1024)(instruct_rows), truncation)
-    joint_rows = [{"question": QUESTION, "documents": documents[i : i + 4], "answer": answers[i], "positives": [0]} for i in range(rows)]
-    model.config.generation_top_k = 2  # the generator reads 2 of the 4 candidates
-    joint = to_device(JointCollator(model.processor, 1024, top_k=2)(joint_rows), truncation)
-    flat_documents = joint["document_input_ids"].flatten(0, 1), joint["document_attention_mask"].flatten(0, 1)
 
-    scp_sequences = [(scp["input_ids"], scp["attention_mask"]),
-                     (scp["document_input_ids"].flatten(0, 1), scp["document_attention_mask"].flatten(0, 1))]
-    instruct_sequences = [(instruct["input_ids"], instruct["attention_mask"]), scp_sequences[1]]  # the same documents
-    joint_sequences = [(joint["input_ids"], joint["attention_mask"]),
-                       (joint["query_input_ids"], joint["query_attention_mask"]), flat_documents]
+    def documents_of(batch):
+        return batch["document_input_ids"].flatten(0, 1), batch["document_attention_mask"].flatten(0, 1)
+
     timed = []  # (what, (seconds, megabytes), stage)
+    plain_sequences = {}  # stage -> the (ids, mask) pairs its plain LoRA step reads: the same tokens
     model.set_trainable_components(["compressor", "generator", "added_token_embeddings"])
     if 1 in stages:
+        scp_rows = [{"data_type": "paraphrase", "questions": [], "answers": [answers[i]], "document": documents[i]}
+                    for i in range(rows)]
+        scp = to_device(SCPCollator(model.processor, 1024)(scp_rows), truncation)
+        plain_sequences[1] = [(scp["input_ids"], scp["attention_mask"]), documents_of(scp)]
         timed.append(("stage 1 (scp)", _step_time(model, lambda: model(**scp).loss, repeats), 1))
     if 2 in stages:
+        instruct_rows = [{"question": QUESTION, "documents": [documents[i]], "answer": cut_to_tokens(model, [answers[i]], 8)[0]}
+                         for i in range(rows)]
+        instruct = to_device(InstructCollator(model.processor, 1024)(instruct_rows), truncation)
+        plain_sequences[2] = [(instruct["input_ids"], instruct["attention_mask"]), documents_of(instruct)]
         timed.append(("stage 2 (instruct)", _step_time(model, lambda: model(**instruct).loss, repeats), 2))
         timed.append(("stage 2, LM head on every position",
                       _step_time(model, lambda: model(**instruct | {"logits_to_keep": 0}).loss, repeats), 2))
     if 3 in stages:
+        joint_rows = [{"question": QUESTION, "documents": documents[i : i + 4], "answer": answers[i], "positives": [0]}
+                      for i in range(rows)]
+        model.config.generation_top_k = 2  # the generator reads 2 of the 4 candidates
+        joint = to_device(JointCollator(model.processor, 1024, top_k=2)(joint_rows), truncation)
+        plain_sequences[3] = [(joint["input_ids"], joint["attention_mask"]),
+                              (joint["query_input_ids"], joint["query_attention_mask"]), documents_of(joint)]
         with torch.no_grad():
-            memories = model.memory_states(*flat_documents, "compressor")[0]
+            memories = model.memory_states(*documents_of(joint), "compressor")[0]
         precomputed = {k: v for k, v in joint.items() if k not in ("document_input_ids", "document_attention_mask")}
         precomputed["document_memories"] = memories.reshape(*joint["document_input_ids"].shape[:2], *memories.shape[1:])
         model.set_trainable_components(["query_reasoner", "generator"])
@@ -436,9 +440,7 @@ def training_steps(
                          labels=ids.masked_fill(ids >= vocabulary, 0)).loss for ids, mask in sequences)
 
     measured = []
-    for stage, sequences in ((1, scp_sequences), (2, instruct_sequences), (3, joint_sequences)):
-        if stage not in stages:
-            continue
+    for stage, sequences in plain_sequences.items():
         plain_step = _step_time(plain, lambda: plain_loss(sequences), repeats)
         tokens = sum(int(mask.sum()) for _, mask in sequences)
         for what, (seconds, megabytes) in [(what, step) for what, step, of in timed if of == stage] + [
