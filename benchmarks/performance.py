@@ -14,7 +14,8 @@ Sections (each writes its rows into `results.json` as it finishes, then `docs/pe
   plain no-grad forward of the base decoder over the same batches, and what the LM head's logits or every layer's
   hidden states would cost instead.
 - training: one optimizer step of stage 1 (SCP) and stage 3 (joint, documents recomputed and precomputed) against
-  a plain peft LoRA step of the base over the same tokens (the documents and the generator sequences).
+  a plain peft LoRA step of the base over the same tokens (the documents and the generator sequences), with the
+  attention kernels the trainers use (not cuDNN's, unless `--cudnn_attention`).
 - step_overhead: the same steps on SmolLM2's modules at widths of 18 and a few tokens, where the arithmetic is
   negligible: the host's time per step (Python, dispatch, autograd), a floor under any GPU step of that model; and
   the time of one adapter switch.
@@ -45,6 +46,7 @@ from transformers import HfArgumentParser, LogitsProcessorList, MistralConfig, M
 from clara_cli.demo import FirstTokenTimer, python_reference_corpus
 from evaluation.harness import default_device, machine_description
 from modeling_clara import ClaraForRAG, MemoryBank, load_base_model
+from trainers.clara_trainer import training_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("latency", "compression", "training", "step_overhead", "retrieval")
@@ -63,6 +65,11 @@ class PerformanceConfig:
     training_rows: list[int] = field(default_factory=lambda: [4], metadata={"help": "Rows per training step: each is measured."})
     training_stages: list[int] = field(
         default_factory=lambda: [1, 2, 3], metadata={"help": "Stages timed in the training section, each against its plain LoRA step."}
+    )
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "Let the training section's steps use cuDNN attention (off, as the trainers run: "
+                  "ClaraTrainingConfig.cudnn_attention)."},
     )
     bank_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000], metadata={"help": "Bank sizes."})
     output: str = field(default=str(ROOT / "outputs" / "performance" / "results.json"), metadata={"help": "Raw results."})
@@ -311,8 +318,9 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
     answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
     for rows in config.training_rows:
         try:
-            measured = training_steps(model, build_base(model_name, config)[0], documents, answers, rows,
-                                      stages=config.training_stages)
+            with training_attention(config.cudnn_attention):  # the attention kernels the trainers use
+                measured = training_steps(model, build_base(model_name, config)[0], documents, answers, rows,
+                                          stages=config.training_stages)
         except torch.OutOfMemoryError:  # how many rows fit is a result too; the next count may still be measured
             measured = [{"what": "out of memory", "rows": rows}]
             torch.cuda.empty_cache()

@@ -141,6 +141,28 @@ def test_training_stops_at_the_first_logging_step_with_a_non_finite_loss(tokeniz
     assert last["step"] == 2 and math.isnan(last["lm_loss"]) and math.isfinite(last["loss"])
 
 
+@pytest.mark.parametrize("cudnn_attention", [False, True])
+def test_training_keeps_attention_off_cudnn_unless_asked_and_restores_the_setting(tokenizer, tmp_path, cudnn_attention):
+    seen = []
+
+    class RecordAttentionBackend(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("a crashed run")
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    config = stage_config(SCPConfig, tmp_path, max_steps=3, cudnn_attention=cudnn_attention)
+    trainer = SCPTrainer(new_model(tokenizer), config, train_dataset=dataset(scp_rows(), "scp"),
+                         callbacks=[RecordAttentionBackend()])
+    with pytest.raises(RuntimeError, match="a crashed run"):
+        trainer.train()
+    assert before and seen == [cudnn_attention] * 2
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored, also after the crash
+
+
 def test_output_is_a_complete_checkpoint_of_its_stage(tokenizer, tmp_path):
     model = new_model(tokenizer)
     trainer = SCPTrainer(model, stage_config(SCPConfig, tmp_path, max_steps=1), train_dataset=dataset(scp_rows(), "scp"))

@@ -21,6 +21,13 @@ class ClaraTrainingConfig(TrainingArguments):
     skip_malformed_rows (`bool`, defaults to `False`): skip and count malformed rows instead of failing on the first.
     max_length (`int`, defaults to 2048): generator sequence length; longer answers are cut (and counted).
 
+    > Attention
+
+    cudnn_attention (`bool`, defaults to `False`): let `scaled_dot_product_attention` use cuDNN's kernel while
+        training. Off by default: on H100/H200 GPUs, from torch 2.11 on, its backward returns NaN gradients for a
+        masked sequence whose length is 64 more than a multiple of 128 (pytorch/pytorch#196678), which a
+        left-padded batch of such a length is; the other kernels are used instead. Inference is not affected.
+
     > Defaults that differ from `TrainingArguments` (the reference settings, CLARA.md section 3)
 
     learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0.03 (a ratio), adam_beta2=0.95,
@@ -33,6 +40,11 @@ class ClaraTrainingConfig(TrainingArguments):
     eval_file: str | None = field(default=None, metadata={"help": "Evaluation JSONL in the stage's format."})
     skip_malformed_rows: bool = field(default=False, metadata={"help": "Skip and count malformed rows."})
     max_length: int = field(default=2048, metadata={"help": "Generator sequence length."})
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "Let attention use cuDNN's kernel in training (off: its backward returns NaN gradients on "
+                  "H100/H200 for masked sequences of 64 mod 128 tokens, pytorch/pytorch#196678)."},
+    )
 
     learning_rate: float = 1e-4
     lr_scheduler_type: str = "cosine"

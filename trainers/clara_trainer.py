@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from .clara_config import ClaraTrainingConfig
 from .data import load_rows
 from .model_config import ARCHITECTURE_FIELDS, ClaraModelConfig
 
-__all__ = ["ClaraTrainer"]
+__all__ = ["ClaraTrainer", "training_attention"]
 
 TRUNCATION_METRICS = ("truncated_documents", "truncated_questions", "truncated_answers")
 # The text reader's inputs, in the batches of a stage that distils from the text (see `TextDistillationConfig`).
@@ -33,6 +34,23 @@ RECIPE_FIELDS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_length", "weight_decay", "max_grad_norm", "seed", "bf16", "distillation_weight",
 )
+
+
+def training_attention(cudnn_attention: bool):
+    """The context training runs in: with `cudnn_attention` False, `scaled_dot_product_attention` may not use
+    cuDNN's kernel (see `ClaraTrainingConfig.cudnn_attention`). The kernel of a forward decides its backward's."""
+    return nullcontext() if cudnn_attention else _without_cudnn_attention()
+
+
+@contextmanager
+def _without_cudnn_attention():
+    # The other backends stay as the user set them; the setting is restored even when training raises.
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 class ClaraTrainer(Trainer):
@@ -59,6 +77,8 @@ class ClaraTrainer(Trainer):
     - A saved checkpoint records `training_stage` in its config and is a complete `ClaraForRAG`; it also holds
       `clara_training.json` (stage, training data fingerprint), and resuming from a checkpoint of another stage or
       made on other training data raises before training.
+    - Training does not use cuDNN's attention kernel unless `cudnn_attention` (its backward's NaN gradients on
+      H100/H200, pytorch/pytorch#196678).
     - Every row of `train_file` / `eval_file` is checked when it is read, including what the stage's collator will
       make of it (a prompt that leaves no room for the answer in `max_length`), so no row fails mid-run.
     """
@@ -320,7 +340,8 @@ class ClaraTrainer(Trainer):
                 if resume_from_checkpoint is None:
                     raise ValueError(f"No checkpoint to resume from in output_dir {self.args.output_dir}.")
             self.check_checkpoint(resume_from_checkpoint)
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        with training_attention(self.args.cudnn_attention):
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.accelerator.unwrap_model(self.model).config.training_stage = self.stage
         return output
 
