@@ -58,7 +58,7 @@ RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", 
 # from another (--start_from) may change them, and runs again from the first stage whose settings changed.
 STAGE_SETTINGS = {
     "stage 1": {"scp_epochs", "learning_rate", "batch_size", "reconstruction", "prose_passages", "prose_source",
-                "prose_root", "scp_distillation_weight"},
+                "prose_root", "scp_distillation_weight", "cudnn_attention"},
     "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size", "instruct_answers",
                 "teacher_max_new_tokens", "instruct_distillation_weight"},
     "stage 3": {"joint_epochs", "joint_learning_rate", "joint_batch_size"},
@@ -145,6 +145,11 @@ class StudyConfig:
                   "docs/diagnosis.md, Finding 5); false: the reference's memories as they are."},
     )
     max_length: int = field(default=768, metadata={"help": "Generator tokens per training row (longer targets are cut)."})
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "Training may use cuDNN's attention kernel (ClaraTrainingConfig.cudnn_attention: off, as its "
+                  "backward returns NaN on H100/H200 at some lengths; docs/diagnosis.md, Finding 30)."},
+    )
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
     prose_passages: int = field(
         default=0,
@@ -549,6 +554,7 @@ def training_settings(
         gradient_accumulation_steps=1, learning_rate=learning_rate, warmup_steps=0.03, logging_steps=10,
         save_strategy="no", report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
         max_length=config.max_length, disable_tqdm=True, dataloader_num_workers=0,
+        cudnn_attention=config.cudnn_attention,
     )
 
 

@@ -1,0 +1,82 @@
+"""The padded lengths of every training batch of a study's three stages, in the Trainer's own order, without running
+the model: which batches have a length of 64 mod 128, the lengths at which cuDNN's attention backward returns NaN on
+H100/H200 (pytorch/pytorch#196678; docs/diagnosis.md, Finding 30).
+
+    python benchmarks/batch_lengths.py --output lengths.json [STUDY OPTIONS...]   # reproduce.py's options
+
+The study's data is built as `reproduce.py` builds it (in `--output_dir`), and each stage's trainer runs its loop with
+a training step that only records the batch's shapes, so the order is the one its seed gives on any machine.
+"""
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import Study, StudyConfig, build_data, training_settings  # noqa: E402
+
+from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer  # noqa: E402
+
+SEQUENCES = {"generator": "input_ids", "documents": "document_input_ids", "questions": "query_input_ids"}
+
+
+def batch_lengths(trainer) -> dict[str, list[int]]:
+    """Per sequence the attention runs over (the generator's, the documents' and, in stage 3, the questions'): its
+    padded length at each step of `trainer.train()`."""
+    lengths = {}
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        for name, key in SEQUENCES.items():
+            if key in inputs:
+                lengths.setdefault(name, []).append(inputs[key].shape[-1])
+        return torch.zeros(())
+
+    trainer.training_step = training_step
+    trainer.train()
+    return lengths
+
+
+@dataclass
+class LengthsOutput:
+    output: str = field(metadata={"help": "The JSON file of every batch's lengths."})
+
+
+def main(argv=None) -> int:
+    parser = HfArgumentParser((StudyConfig, LengthsOutput), allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    config, lengths_output = parser.parse_args_into_dataclasses(args=argv)
+    data = build_data(config, Path(config.output_dir) / "data")
+    study = Study.__new__(Study)  # only its model construction is needed
+    study.config = config
+    model = study.new_model(config.rates[0])
+    model.config.generation_top_k = 1  # stage 3's, as the study sets it; stages 1 and 2 do not read it
+    results = {"settings": asdict(config), "stages": {}}
+    for stage, trainer_class, config_class, file, epochs, learning_rate, batch_size in [
+        ("stage 1", SCPTrainer, SCPConfig, data["scp"], config.scp_epochs, config.learning_rate, None),
+        ("stage 2", InstructTrainer, InstructConfig, data["instruct"], config.instruct_epochs,
+         config.instruct_learning_rate, config.instruct_batch_size),
+        ("stage 3", JointTrainer, JointConfig, data["joint"], config.joint_epochs, config.joint_learning_rate,
+         config.joint_batch_size),
+    ]:
+        if not epochs:
+            continue
+        settings = training_settings(config, Path(config.output_dir) / "lengths", epochs, learning_rate, batch_size)
+        trainer = trainer_class(model, config_class(train_file=file, **settings | {"logging_steps": 10**9}))
+        lengths = batch_lengths(trainer)
+        # Only sequences with a backward pass count; stage 3 compresses its documents without one.
+        trained = ("generator", "questions") if stage == "stage 3" else ("generator", "documents")
+        at_risk = [step for step, step_lengths in enumerate(zip(*(lengths[name] for name in trained)), 1)
+                   if any(length % 128 == 64 for length in step_lengths)]
+        steps = len(lengths["generator"])
+        results["stages"][stage] = {"steps": steps, "steps_of_64_mod_128": at_risk, "lengths": lengths}
+        print(f"{stage}: {steps} steps; generator lengths {min(lengths['generator'])}-{max(lengths['generator'])}; "
+              f"steps with a length of 64 mod 128: {at_risk}")
+    Path(lengths_output.output).write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
