@@ -554,7 +554,6 @@ def training_settings(
         gradient_accumulation_steps=1, learning_rate=learning_rate, warmup_steps=0.03, logging_steps=10,
         save_strategy="no", report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
         max_length=config.max_length, disable_tqdm=True, dataloader_num_workers=0,
-        cudnn_attention=config.cudnn_attention,
     )
 
 
@@ -753,7 +752,8 @@ class Study:
         config, data, passages = self.config, self.data, self.data["held_out_passages"]
         settings = training_settings(config, self.output / name / "scp", config.scp_epochs, config.learning_rate)
         self.results["training"][f"{name} stage 1"] = train_stage(
-            SCPTrainer, SCPConfig, model, settings, data["scp"], distillation_weight=config.scp_distillation_weight
+            SCPTrainer, SCPConfig, model, settings, data["scp"], distillation_weight=config.scp_distillation_weight,
+            cudnn_attention=config.cudnn_attention,
         )
         self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data["eval"], "clara")
         self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, self.metric)
@@ -773,7 +773,7 @@ class Study:
             instruct, teacher = data["instruct_teacher"]
         self.results["training"][f"{name} stage 2"] = train_stage(
             InstructTrainer, InstructConfig, model, settings, instruct, generator_init="keep",
-            distillation_weight=config.instruct_distillation_weight,
+            distillation_weight=config.instruct_distillation_weight, cudnn_attention=config.cudnn_attention,
         ) | ({"teacher_answers": teacher} if teacher else {})
         self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data["eval"], "clara")
         self.results["memories"][f"{name} stage 2"] = memory_statistics(
@@ -795,7 +795,8 @@ class Study:
             config.joint_batch_size,
         )
         self.results["training"][f"{name} stage 3"] = train_stage(
-            JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True
+            JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True,
+            cudnn_attention=config.cudnn_attention,
         )
         self.results["retrieval"][f"{name} stage-3 query reasoner"] = retrieval(model, config, data)
         self.results["retrieved_answers"][f"{name} stage 3"] = answer_quality(model, config, data["retrieval"], "clara")
