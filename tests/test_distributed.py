@@ -1,5 +1,5 @@
 """Two CPU processes under DDP, DeepSpeed ZeRO-2 and ZeRO-3 train the same weights as one process; a killed run
-resumes to the same weights as an uninterrupted one."""
+resumes to the same weights as an uninterrupted one; a NaN in one process stops every one at the same step."""
 
 import os
 import subprocess
@@ -147,6 +147,55 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_base_dir, tmp_path):
     assert expected.keys() == actual.keys()
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+POISONED_RUN = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch
+    from transformers import TrainerCallback
+    from clara_cli.main import parse_train_args
+    from trainers import SCPTrainer
+
+    class PoisonRankOneAfterStep1(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1 and args.process_index == 1:
+                weight = next(p for n, p in model.named_parameters() if ".generator." in n and "lora_A" in n)
+                with torch.no_grad():
+                    weight[0, 0] = float("nan")
+
+    model_args, config = parse_train_args("scp", sys.argv[1:])
+    trainer = SCPTrainer(args=config, model_args=model_args)
+    trainer.add_callback(PoisonRankOneAfterStep1())
+    try:
+        trainer.train()
+    except FloatingPointError as error:
+        Path(config.output_dir, f"stopped_rank{config.process_index}.txt").write_text(str(error))
+        torch.distributed.barrier()  # reached only if every rank stopped: one training on would hang the run
+        sys.exit(3)
+    """
+)
+
+
+def test_every_ddp_process_stops_at_the_same_step_when_one_turns_non_finite(tiny_base_dir, tmp_path):
+    data = write_jsonl(tmp_path / "scp.jsonl", scp_rows()[:4])
+    output = tmp_path / "poisoned"
+    script = tmp_path / "poisoned_run.py"
+    script.write_text(POISONED_RUN)
+    arguments = common_arguments(tiny_base_dir, data, output) + ["--per_device_train_batch_size", "2"]
+    arguments[arguments.index("--max_steps") + 1] = "5"
+    config_file = ROOT / "hub_configs" / "accelerate" / "ddp.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), str(script), *arguments],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode != 0, result.stdout[-2000:]
+    # Rank 1's NaN reaches rank 0 through the gradients' all-reduce and the gathered metrics: both stop at step 2.
+    for rank in (0, 1):
+        stopped = output / f"stopped_rank{rank}.txt"
+        assert stopped.is_file(), result.stderr[-4000:]
+        assert "up to step 2: the weights are no longer finite" in stopped.read_text()
 
 
 def test_zero3_continues_from_a_previous_stage_checkpoint(single_process_run):
