@@ -386,8 +386,8 @@ def training_steps(
     model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int, repeats: int = 3,
     stages: Iterable[int] = (1, 2, 3),
 ) -> list[dict]:
-    """Optimizer steps of stage 1, stage 2 (answers of 8 tokens; also with the LM head on every position, as before
-    `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows` rows, against a plain peft LoRA
+    """Optimizer steps of stage 1 (also with gradient checkpointing), stage 2 (answers of 8 tokens; also with the LM
+    head on every position, as before `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows` rows, against a plain peft LoRA
     step of `base` (same rank, all linear layers) over the same tokens: the documents and the generator sequences.
     Only the `stages` asked for are timed. Stage 3's row i reads documents i to i+3, so `documents` holds at least
     `rows + 3`. Each time is the mean of `repeats` steps after a warm-up."""
@@ -415,6 +415,9 @@ def training_steps(
         scp = to_device(SCPCollator(model.processor, 1024)(scp_rows), truncation)
         plain_sequences[1] = [(scp["input_ids"], scp["attention_mask"]), documents_of(scp)]
         timed.append(("stage 1 (scp)", _step_time(model, lambda: model(**scp).loss, repeats), 1))
+        model.gradient_checkpointing_enable()  # activation_checkpointing_enable from transformers 5.18 on
+        timed.append(("stage 1, gradient checkpointing", _step_time(model, lambda: model(**scp).loss, repeats), 1))
+        model.gradient_checkpointing_disable()
     if 2 in stages:
         instruct_rows = [{"question": QUESTION, "documents": [documents[i]], "answer": cut_to_tokens(model, [answers[i]], 8)[0]}
                          for i in range(rows)]

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, cached_file
 
 from .base_models import load_base_model
@@ -219,8 +220,6 @@ class ClaraForRAG(ClaraPreTrainedModel):
         missing = [name for name in ("_active_adapter", "_disable_adapters") if not hasattr(self._lora_layers[0], name)]
         if missing:
             raise ImportError(f"This peft version's adapter layers have no {missing}, which switching adapters sets.")
-        # transformers' gradient_checkpointing_enable() flips the flag on the modules that have one.
-        self._checkpointing_modules = [m for m in self.language_model.modules() if hasattr(m, "gradient_checkpointing")]
         self._processor = None
         # component -> (the tensors its merged weights are made of, their signature when merge_adapter() merged it)
         self._merged_sources = {}
@@ -593,6 +592,17 @@ class ClaraForRAG(ClaraPreTrainedModel):
         finally:
             self._activate(previous)
 
+    def _set_gradient_checkpointing(self, *args, **kwargs) -> None:
+        """transformers' switch of gradient checkpointing (`activation_checkpointing_enable`), with every decoder
+        layer's recomputation in the backward pass running the adapter its forward pass ran: one backward pass goes
+        through the generator's and the compressor's (or query reasoner's) passes, and by then another adapter is
+        active, which would silently give wrong gradients."""
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        for module in self.language_model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                lora_layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+                module._gradient_checkpointing_func = _replaying_adapters(module._gradient_checkpointing_func, lora_layers)
+
     def _activate(self, adapters: list[str] | None) -> None:
         # peft's set_adapter / enable_adapters also set requires_grad on every adapter parameter, which the fixed
         # trainable set (set_trainable_components) would then have to restore: 50 ms per switch on SmolLM2's 210
@@ -717,11 +727,6 @@ class ClaraForRAG(ClaraPreTrainedModel):
         memory_ids = torch.tensor(self.config.memory_token_ids, device=input_ids.device)
         if input_ids.dim() != 2 or not torch.equal(input_ids[:, -num_memory:], memory_ids.expand(len(input_ids), -1)):
             raise ValueError("Compression inputs must be [B, L], left-padded, ending with the memory tokens.")
-        if torch.is_grad_enabled() and any(m.gradient_checkpointing for m in self._checkpointing_modules):
-            # Recomputation in backward would run with whichever adapter is active then: silently wrong gradients.
-            raise ValueError(
-                f"Gradient checkpointing cannot train the {component}: disable it, or compress without gradients."
-            )
         with self._running(component):
             hidden = self.language_model.get_decoder()(
                 inputs_embeds=self.embed_tokens(input_ids),
@@ -1216,6 +1221,33 @@ def _sum_over_processes(tensor: torch.Tensor, differentiable: bool = False) -> t
 def _signature(tensors: list[torch.Tensor]) -> list[tuple]:
     """Identifies tensors' contents: in-place changes bump a tensor's version, moves change its storage."""
     return [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
+
+
+def _replaying_adapters(checkpoint_function, lora_layers: list[BaseTunerLayer]):
+    """`checkpoint_function` for one decoder layer, whose recomputation runs with the adapter state (the active
+    adapter, or adapters off) of the layer's forward pass, set on the layer's own adapted modules and put back after."""
+
+    def adapter_state():
+        return [(layer._disable_adapters, layer._active_adapter) for layer in lora_layers]
+
+    def set_adapter_state(state):
+        for layer, (disabled, active) in zip(lora_layers, state):
+            layer._disable_adapters, layer._active_adapter = disabled, active
+
+    def checkpointed(function, *args, **kwargs):
+        forward_state = adapter_state()  # `_activate` assigns new lists, so this one stays as it is now
+
+        def replayed(*inner_args, **inner_kwargs):
+            state = adapter_state()
+            set_adapter_state(forward_state)
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                set_adapter_state(state)
+
+        return checkpoint_function(replayed, *args, **kwargs)
+
+    return checkpointed
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

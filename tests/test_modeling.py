@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_clara import ClaraForRAG, compressed_text, cosine_scores, differentiable_topk
-from testing_utils import DOCUMENTS, build_base
+from testing_utils import DOCUMENTS, build_base, randomize_adapters
 
 QUESTIONS = ["Where is the Eiffel Tower?", "Who won two Nobel prizes?"]
 
@@ -669,13 +669,36 @@ def test_forward_bad_input_raises(clara):
         clara.set_trainable_components(["decoder"])
 
 
-def test_gradient_checkpointing_refuses_to_train_the_compressor(clara):
-    clara.train()
-    clara.activation_checkpointing_enable()
-    document_ids, document_mask = _document_batch(clara, [DOCUMENTS[:1], DOCUMENTS[1:2]])
-    batch = clara.processor.tokenize_for_generation(QUESTIONS, 1, answers=["Paris", "Marie Curie"])
-    with pytest.raises(ValueError, match="Gradient checkpointing cannot train the compressor"):
-        clara(**batch, document_input_ids=document_ids, document_attention_mask=document_mask)
+@pytest.mark.parametrize("stage", ["compression (stages 1 and 2)", "retrieval (stage 3)"])
+def test_gradient_checkpointing_gives_every_adapter_the_gradients_it_gets_without(clara, stage):
+    # One backward pass runs through two adapters' recomputed layers; each must recompute with its own adapter.
+    model = randomize_adapters(clara).double().train()  # float64: equal to rounding on any machine
+    retrieval = stage.startswith("retrieval")
+    components = ["query_reasoner", "generator"] if retrieval else ["compressor", "generator", "added_token_embeddings"]
+    model.set_trainable_components(components)
+    document_ids, document_mask = _document_batch(model, [DOCUMENTS[:3], DOCUMENTS[1:]])
+    batch = model.processor.tokenize_for_generation(QUESTIONS, 2 if retrieval else 3, answers=["Paris", "Marie Curie"])
+    batch.update(document_input_ids=document_ids, document_attention_mask=document_mask)
+    if retrieval:
+        queries = model.processor.tokenize_for_compression(QUESTIONS, "question")
+        batch.update(query_input_ids=queries["input_ids"], query_attention_mask=queries["attention_mask"])
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks: the recomputation replays the forward pass's
+        loss = model(**batch).loss
+        adapter_state = [(layer._disable_adapters, layer._active_adapter) for layer in model._lora_layers]
+        loss.backward()
+        assert [(layer._disable_adapters, layer._active_adapter) for layer in model._lora_layers] == adapter_state
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    without, with_checkpointing = gradients
+    groups = _parameter_groups(model)
+    assert all(all(_received_gradient(groups[component])) for component in components)
+    assert with_checkpointing.keys() == without.keys()
+    for name, gradient in without.items():
+        torch.testing.assert_close(with_checkpointing[name], gradient, rtol=1e-9, atol=1e-12, msg=name)
 
 
 MISTRAL_LIKE_TEMPLATE = (

@@ -48,6 +48,20 @@ def test_scp_trains_exactly_compressor_generator_and_added_token_embeddings(toke
     assert {"loss", "lm_loss", "mse_loss", "truncated_documents", "truncated_answers"} <= logged.keys()
 
 
+def test_scp_with_gradient_checkpointing_trains_the_weights_it_trains_without(tokenizer, tmp_path):
+    trained = []
+    for checkpointing in (False, True):
+        model = new_model(tokenizer)
+        config = stage_config(SCPConfig, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
+        SCPTrainer(model, config, train_dataset=dataset(scp_rows(), "scp")).train()
+        trained.append(model)
+    without, with_checkpointing = trained
+    assert any(getattr(m, "gradient_checkpointing", False) for m in with_checkpointing.language_model.modules())
+    weights = dict(without.named_parameters())
+    for name, parameter in with_checkpointing.named_parameters():  # the same operations recomputed: equal values
+        torch.testing.assert_close(parameter, weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_the_flops_estimate_is_the_trainers_with_the_parameters_counted_once(tokenizer, tmp_path, monkeypatch):
     model = new_model(tokenizer)
     trainer = SCPTrainer(model, stage_config(SCPConfig, tmp_path), train_dataset=dataset(scp_rows(), "scp"))
