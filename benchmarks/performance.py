@@ -321,7 +321,7 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
             with training_attention(config.cudnn_attention):  # the attention kernels the trainers use
                 measured = training_steps(model, build_base(model_name, config)[0], documents, answers, rows,
                                           stages=config.training_stages)
-        except torch.OutOfMemoryError:  # how many rows fit is a result too; the next count may still be measured
+        except torch.OutOfMemoryError:  # outside a timed step (the batches, stage 3's memories); the next count may fit
             measured = [{"what": "out of memory", "rows": rows}]
             torch.cuda.empty_cache()
         for row in measured:
@@ -454,16 +454,31 @@ def training_steps(
     for stage, sequences in plain_sequences.items():
         plain_step = _step_time(plain, lambda: plain_loss(sequences), repeats)
         tokens = sum(int(mask.sum()) for _, mask in sequences)
-        for what, (seconds, megabytes) in [(what, step) for what, step, of in timed if of == stage] + [
+        for what, step in [(what, step) for what, step, of in timed if of == stage] + [
             (f"plain LoRA step, stage-{stage} tokens", plain_step)
         ]:
+            if step is None:
+                measured.append({"what": what, "rows": rows, "tokens": tokens, "step_s": "out of memory"})
+                continue
+            seconds, megabytes = step
             measured.append({"what": what, "rows": rows, "tokens": tokens, "step_s": seconds,
-                             "tokens_per_s": tokens / seconds, "of_plain": seconds / plain_step[0], "peak_mb": megabytes})
+                             "tokens_per_s": tokens / seconds,
+                             "of_plain": seconds / plain_step[0] if plain_step else None, "peak_mb": megabytes})
     return measured
 
 
-def _step_time(model, loss_function, repeats: int = 3) -> tuple[float, float]:
-    """Seconds per optimizer step (forward, backward, AdamW) after a warm-up step, and the peak memory."""
+def _step_time(model, loss_function, repeats: int = 3) -> tuple[float, float] | None:
+    """Seconds per optimizer step (forward, backward, AdamW) after a warm-up step, and the peak memory; None when the
+    step runs out of GPU memory (which steps fit is a result too)."""
+    try:
+        return _timed_steps(model, loss_function, repeats)
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)  # the failed step's gradients would hold memory in the next one
+        torch.cuda.empty_cache()
+        return None
+
+
+def _timed_steps(model, loss_function, repeats: int) -> tuple[float, float]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
