@@ -387,10 +387,10 @@ def training_steps(
     stages: Iterable[int] = (1, 2, 3),
 ) -> list[dict]:
     """Optimizer steps of stage 1 (also with gradient checkpointing), stage 2 (answers of 8 tokens; also with the LM
-    head on every position, as before `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows` rows, against a plain peft LoRA
-    step of `base` (same rank, all linear layers) over the same tokens: the documents and the generator sequences.
-    Only the `stages` asked for are timed. Stage 3's row i reads documents i to i+3, so `documents` holds at least
-    `rows + 3`. Each time is the mean of `repeats` steps after a warm-up."""
+    head on every position, as before `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows`
+    rows, against a plain peft LoRA step of `base` (same rank, all linear layers) over the same tokens: the
+    documents and the generator sequences. Only the `stages` asked for are timed. Stage 3's row i reads documents i
+    to i+3, so `documents` holds at least `rows + 3`. Each time is the mean of `repeats` steps after a warm-up."""
     from peft import LoraConfig, get_peft_model
 
     from trainers.collators import InstructCollator, JointCollator, SCPCollator
@@ -457,13 +457,13 @@ def training_steps(
         for what, step in [(what, step) for what, step, of in timed if of == stage] + [
             (f"plain LoRA step, stage-{stage} tokens", plain_step)
         ]:
+            row = {"what": what, "rows": rows, "tokens": tokens}
             if step is None:
-                measured.append({"what": what, "rows": rows, "tokens": tokens, "step_s": "out of memory"})
+                measured.append(row | {"step_s": "out of memory"})
                 continue
             seconds, megabytes = step
-            measured.append({"what": what, "rows": rows, "tokens": tokens, "step_s": seconds,
-                             "tokens_per_s": tokens / seconds,
-                             "of_plain": seconds / plain_step[0] if plain_step else None, "peak_mb": megabytes})
+            measured.append(row | {"step_s": seconds, "tokens_per_s": tokens / seconds}
+                            | ({"of_plain": seconds / plain_step[0]} if plain_step else {}) | {"peak_mb": megabytes})
     return measured
 
 

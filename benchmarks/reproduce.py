@@ -52,8 +52,10 @@ from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPColl
 from trainers.data import validate_row
 
 ROOT = Path(__file__).resolve().parents[1]
-# Settings a resumed study may change: they decide where things go and when to stop, not what is measured.
-RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", "resume", "render_only"}
+# Settings a resumed study may change: they decide where things go, when to stop and what memory training takes,
+# not what is measured (gradient checkpointing gives the weights training gives without it).
+RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", "resume", "render_only",
+                      "gradient_checkpointing"}
 # Settings that only a training stage and the stages after it depend on, in the order of the stages: a study started
 # from another (--start_from) may change them, and runs again from the first stage whose settings changed.
 STAGE_SETTINGS = {
@@ -149,6 +151,11 @@ class StudyConfig:
         default=False,
         metadata={"help": "Training may use cuDNN's attention kernel (ClaraTrainingConfig.cudnn_attention: off, as its "
                   "backward returns NaN on H100/H200 at some lengths; docs/diagnosis.md, Finding 30)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Train with gradient checkpointing: less memory for the same weights, so more rows per "
+                  "step fit (docs/performance.md)."},
     )
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
     prose_passages: int = field(
@@ -680,6 +687,12 @@ class Study:
         return model.eval()
 
     @property
+    def trainer_options(self) -> dict:
+        """What every stage's trainer takes from the study besides its stage's settings: how it computes."""
+        config = self.config
+        return {"cudnn_attention": config.cudnn_attention, "gradient_checkpointing": config.gradient_checkpointing}
+
+    @property
     def device(self) -> str:
         return default_device()
 
@@ -753,7 +766,7 @@ class Study:
         settings = training_settings(config, self.output / name / "scp", config.scp_epochs, config.learning_rate)
         self.results["training"][f"{name} stage 1"] = train_stage(
             SCPTrainer, SCPConfig, model, settings, data["scp"], distillation_weight=config.scp_distillation_weight,
-            cudnn_attention=config.cudnn_attention,
+            **self.trainer_options,
         )
         self.results["answers"][f"{name} stage 1"] = answer_quality(model, config, data["eval"], "clara")
         self.results["reconstruction"][f"{name} stage 1"] = reconstruction(model, config, passages, self.metric)
@@ -773,7 +786,7 @@ class Study:
             instruct, teacher = data["instruct_teacher"]
         self.results["training"][f"{name} stage 2"] = train_stage(
             InstructTrainer, InstructConfig, model, settings, instruct, generator_init="keep",
-            distillation_weight=config.instruct_distillation_weight, cudnn_attention=config.cudnn_attention,
+            distillation_weight=config.instruct_distillation_weight, **self.trainer_options,
         ) | ({"teacher_answers": teacher} if teacher else {})
         self.results["answers"][f"{name} stage 2"] = answer_quality(model, config, data["eval"], "clara")
         self.results["memories"][f"{name} stage 2"] = memory_statistics(
@@ -796,7 +809,7 @@ class Study:
         )
         self.results["training"][f"{name} stage 3"] = train_stage(
             JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True,
-            cudnn_attention=config.cudnn_attention,
+            **self.trainer_options,
         )
         self.results["retrieval"][f"{name} stage-3 query reasoner"] = retrieval(model, config, data)
         self.results["retrieved_answers"][f"{name} stage 3"] = answer_quality(model, config, data["retrieval"], "clara")

@@ -25,8 +25,8 @@ class ClaraTrainingConfig(TrainingArguments):
 
     cudnn_attention (`bool`, defaults to `False`): let `scaled_dot_product_attention` use cuDNN's kernel while
         training. Off by default: on H100/H200 GPUs, from torch 2.11 on, its backward returns NaN gradients for a
-        masked sequence whose length is 64 more than a multiple of 128 (pytorch/pytorch#196678), which a
-        left-padded batch of such a length is; the other kernels are used instead. Inference is not affected.
+        masked sequence 64 tokens past a multiple of 128 (pytorch/pytorch#196678), such as a left-padded batch of
+        448 tokens; the other kernels are used instead. Inference is not affected.
 
     > Defaults that differ from `TrainingArguments` (the reference settings, CLARA.md section 3)
 
