@@ -415,7 +415,7 @@ def training_steps(
         scp = to_device(SCPCollator(model.processor, 1024)(scp_rows), truncation)
         plain_sequences[1] = [(scp["input_ids"], scp["attention_mask"]), documents_of(scp)]
         timed.append(("stage 1 (scp)", _step_time(model, lambda: model(**scp).loss, repeats), 1))
-        model.gradient_checkpointing_enable()  # the older name, kept by newer transformers: the GPU image has 5.17
+        model.gradient_checkpointing_enable()  # the name every transformers 5 has (newer: activation_checkpointing_enable)
         timed.append(("stage 1, gradient checkpointing", _step_time(model, lambda: model(**scp).loss, repeats), 1))
         model.gradient_checkpointing_disable()
     if 2 in stages:
