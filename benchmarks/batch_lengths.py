@@ -48,6 +48,8 @@ class LengthsOutput:
 def main(argv=None) -> int:
     parser = HfArgumentParser((StudyConfig, LengthsOutput), allow_abbrev=False, description=__doc__.split("\n\n")[0])
     config, lengths_output = parser.parse_args_into_dataclasses(args=argv)
+    if config.instruct_answers != "gold":
+        raise ValueError("--instruct_answers teacher: stage 2's rows are the base's generated answers, not replayed here.")
     data = build_data(config, Path(config.output_dir) / "data")
     study = Study.__new__(Study)  # only its model construction is needed
     study.config = config
