@@ -15,7 +15,8 @@ Sections (each writes its rows into `results.json` as it finishes, then `docs/pe
   hidden states would cost instead.
 - training: one optimizer step of stage 1 (SCP) and stage 3 (joint, documents recomputed and precomputed) against
   a plain peft LoRA step of the base over the same tokens (the documents and the generator sequences), with the
-  attention kernels the trainers use (not cuDNN's, unless `--cudnn_attention`).
+  attention kernels the trainers use (not cuDNN's, unless `--cudnn_attention`); `--gradient_checkpointing true`
+  runs CLaRa's steps with gradient checkpointing.
 - step_overhead: the same steps on SmolLM2's modules at widths of 18 and a few tokens, where the arithmetic is
   negligible: the host's time per step (Python, dispatch, autograd), a floor under any GPU step of that model; and
   the time of one adapter switch.
@@ -65,6 +66,11 @@ class PerformanceConfig:
     training_rows: list[int] = field(default_factory=lambda: [4], metadata={"help": "Rows per training step: each is measured."})
     training_stages: list[int] = field(
         default_factory=lambda: [1, 2, 3], metadata={"help": "Stages timed in the training section, each against its plain LoRA step."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "CLaRa's steps in the training section with gradient checkpointing (the plain LoRA step "
+                  "without). Run apart: on the CPU only a process's first row reads its peak memory."},
     )
     cudnn_attention: bool = field(
         default=False,
@@ -314,6 +320,8 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
     if model_name == "mistral-shape" and not torch.cuda.is_available():
         return  # backward through 4096-wide layers: minutes per step on 2 CPU cores
     model = build_model(model_name, config, 32).train()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()  # the name every transformers 5 has (newer: activation_checkpointing_enable)
     documents = cut_to_tokens(model, real_documents(max(config.training_rows) + 3), 256)
     answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
     for rows in config.training_rows:
@@ -325,7 +333,9 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
             measured = [{"what": "out of memory", "rows": rows}]
             torch.cuda.empty_cache()
         for row in measured:
-            record("training", {"model": model_name, **row})
+            clara_step = not row["what"].startswith("plain")
+            record("training", {"model": model_name, **row}
+                   | ({"gradient_checkpointing": True} if config.gradient_checkpointing and clara_step else {}))
 
 
 def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
@@ -386,8 +396,8 @@ def training_steps(
     model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int, repeats: int = 3,
     stages: Iterable[int] = (1, 2, 3),
 ) -> list[dict]:
-    """Optimizer steps of stage 1 (also with gradient checkpointing), stage 2 (answers of 8 tokens; also with the LM
-    head on every position, as before `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows`
+    """Optimizer steps of stage 1, stage 2 (answers of 8 tokens; also with the LM head on every position, as before
+    `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows`
     rows, against a plain peft LoRA step of `base` (same rank, all linear layers) over the same tokens: the
     documents and the generator sequences. Only the `stages` asked for are timed. Stage 3's row i reads documents i
     to i+3, so `documents` holds at least `rows + 3`. Each time is the mean of `repeats` steps after a warm-up."""
@@ -415,9 +425,6 @@ def training_steps(
         scp = to_device(SCPCollator(model.processor, 1024)(scp_rows), truncation)
         plain_sequences[1] = [(scp["input_ids"], scp["attention_mask"]), documents_of(scp)]
         timed.append(("stage 1 (scp)", _step_time(model, lambda: model(**scp).loss, repeats), 1))
-        model.gradient_checkpointing_enable()  # the name every transformers 5 has (newer: activation_checkpointing_enable)
-        timed.append(("stage 1, gradient checkpointing", _step_time(model, lambda: model(**scp).loss, repeats), 1))
-        model.gradient_checkpointing_disable()
     if 2 in stages:
         instruct_rows = [{"question": QUESTION, "documents": [documents[i]], "answer": cut_to_tokens(model, [answers[i]], 8)[0]}
                          for i in range(rows)]
@@ -486,14 +493,17 @@ def _timed_steps(model, loss_function, repeats: int) -> tuple[float, float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    _sync()
-    started = time.perf_counter()
+    # The warm-up step counts for the peak: on the CPU, memory a process once took is reused, so only its first
+    # step shows what a step needs (a row measured after others in the same process reads about 0).
     with PeakMemory() as memory:
+        step()
+        _sync()
+        started = time.perf_counter()
         for _ in range(repeats):
             step()
         _sync()
-    return (time.perf_counter() - started) / repeats, memory.megabytes
+        seconds = (time.perf_counter() - started) / repeats
+    return seconds, memory.megabytes
 
 
 def retrieval(model_name: str, config: PerformanceConfig, record) -> None:
