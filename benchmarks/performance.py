@@ -324,11 +324,11 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
         model.gradient_checkpointing_enable()  # the name every transformers 5 has (newer: activation_checkpointing_enable)
     documents = cut_to_tokens(model, real_documents(max(config.training_rows) + 3), 256)
     answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
+    plain = plain_lora_model(build_base(model_name, config)[0])  # once: every row count's plain step trains it
     for rows in config.training_rows:
         try:
             with training_attention(config.cudnn_attention):  # the attention kernels the trainers use
-                measured = training_steps(model, build_base(model_name, config)[0], documents, answers, rows,
-                                          stages=config.training_stages)
+                measured = training_steps(model, plain, documents, answers, rows, stages=config.training_stages)
         except torch.OutOfMemoryError:  # outside a timed step (the batches, stage 3's memories); the next count may fit
             measured = [{"what": "out of memory", "rows": rows}]
             torch.cuda.empty_cache()
@@ -360,7 +360,8 @@ def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
         switch()
     record("step_overhead", {"model": "smollm2-narrow", "what": "adapter switch (enter and leave model.adapter)",
                              "step_s": (time.perf_counter() - started) / 20})
-    for row in training_steps(model, build_base("smollm2-narrow", config)[0], documents[:5], answers[:5], rows=2, repeats=10):
+    plain = plain_lora_model(build_base("smollm2-narrow", config)[0])
+    for row in training_steps(model, plain, documents[:5], answers[:5], rows=2, repeats=10):
         record("step_overhead", {"model": "smollm2-narrow", **row})
     seconds = trainer_step_time(build_model("smollm2-narrow", config, 32), documents, answers)
     record("step_overhead", {"model": "smollm2-narrow", "what": "stage 1 through SCPTrainer (the whole loop)", "rows": 2,
@@ -392,17 +393,22 @@ def trainer_step_time(model: ClaraForRAG, documents: list[str], answers: list[st
     return statistics.median(end - start for start, end in zip(ends[2:], ends[3:]))
 
 
+def plain_lora_model(base):
+    """The plain fine-tuning CLaRa's steps are compared with: peft LoRA of CLaRa's rank on every linear layer."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).train()
+
+
 def training_steps(
-    model: ClaraForRAG, base, documents: list[str], answers: list[str], rows: int, repeats: int = 3,
+    model: ClaraForRAG, plain, documents: list[str], answers: list[str], rows: int, repeats: int = 3,
     stages: Iterable[int] = (1, 2, 3),
 ) -> list[dict]:
     """Optimizer steps of stage 1, stage 2 (answers of 8 tokens; also with the LM head on every position, as before
-    `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows`
-    rows, against a plain peft LoRA step of `base` (same rank, all linear layers) over the same tokens: the
-    documents and the generator sequences. Only the `stages` asked for are timed. Stage 3's row i reads documents i
-    to i+3, so `documents` holds at least `rows + 3`. Each time is the mean of `repeats` steps after a warm-up."""
-    from peft import LoraConfig, get_peft_model
-
+    `logits_to_keep`) and stage 3 (documents recomputed and precomputed) on `rows` rows, against a step of `plain`
+    (`plain_lora_model`) over the same tokens: the documents and the generator sequences. Only the `stages` asked
+    for are timed. Stage 3's row i reads documents i to i+3, so `documents` holds at least `rows + 3`. Each time is
+    the mean of `repeats` steps after a warm-up."""
     from trainers.collators import InstructCollator, JointCollator, SCPCollator
 
     if len(documents) < rows + 3:
@@ -449,7 +455,6 @@ def training_steps(
         timed.append(("stage 3 (joint), documents precomputed",
                       _step_time(model, lambda: model(**precomputed).loss, repeats), 3))
 
-    plain = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).train()
     vocabulary = plain.get_input_embeddings().num_embeddings
 
     def plain_loss(sequences):

@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,17 +36,13 @@ RECIPE_FIELDS = (
 )
 
 
+@contextmanager
 def training_attention(cudnn_attention: bool):
     """The context training runs in: with `cudnn_attention` False, `scaled_dot_product_attention` may not use
-    cuDNN's kernel (see `ClaraTrainingConfig.cudnn_attention`). The kernel of a forward decides its backward's."""
-    return nullcontext() if cudnn_attention else _without_cudnn_attention()
-
-
-@contextmanager
-def _without_cudnn_attention():
-    # The other backends stay as the user set them; the setting is restored even when training raises.
+    cuDNN's kernel (see `ClaraTrainingConfig.cudnn_attention`); the kernel of a forward decides its backward's. The
+    other kernels stay as the user set them, and the setting is restored even when training raises."""
     enabled = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(enabled and cudnn_attention)
     try:
         yield
     finally:
