@@ -16,7 +16,8 @@ Sections (each writes its rows into `results.json` as it finishes, then `docs/pe
 - training: one optimizer step of stage 1 (SCP) and stage 3 (joint, documents recomputed and precomputed) against
   a plain peft LoRA step of the base over the same tokens (the documents and the generator sequences), with the
   attention kernels the trainers use (not cuDNN's, unless `--cudnn_attention`); `--gradient_checkpointing true`
-  runs CLaRa's steps with gradient checkpointing.
+  runs CLaRa's steps with gradient checkpointing. Also stage 1 on the same rows through `SCPTrainer`'s whole loop
+  (collating, with `--dataloader_num_workers`, moving the batch, clipping, scheduling, logging), on a new model.
 - step_overhead: the same steps on SmolLM2's modules at widths of 18 and a few tokens, where the arithmetic is
   negligible: the host's time per step (Python, dispatch, autograd), a floor under any GPU step of that model; and
   the time of one adapter switch.
@@ -72,6 +73,11 @@ class PerformanceConfig:
         metadata={"help": "CLaRa's steps in the training section with gradient checkpointing (the plain LoRA step "
                   "without). Run apart: on the CPU only a process's first row reads its peak memory."},
     )
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={"help": "Dataloader workers of the training section's stage-1 row through SCPTrainer's loop (0: the "
+                  "loop collates each batch itself)."},
+    )
     cudnn_attention: bool = field(
         default=False,
         metadata={"help": "Let the training section's steps use cuDNN attention (off, as the trainers run: "
@@ -93,6 +99,8 @@ class PerformanceConfig:
             raise ValueError(f"--training_stages takes stages among 1, 2 and 3; got {self.training_stages}.")
         if not self.training_rows or min(self.training_rows) < 1:
             raise ValueError(f"--training_rows must be at least 1; got {self.training_rows}.")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"--dataloader_num_workers must be >= 0; got {self.dataloader_num_workers}.")
 
 
 class PeakMemory:
@@ -332,6 +340,8 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
         except torch.OutOfMemoryError:  # outside a timed step (the batches, stage 3's memories); the next count may fit
             measured = [{"what": "out of memory", "rows": rows}]
             torch.cuda.empty_cache()
+        if 1 in config.training_stages:
+            measured.append(loop_row(model_name, config, documents[:rows], answers[:rows]))
         for row in measured:
             clara_step = not row["what"].startswith("plain")
             record("training", {"model": model_name, **row}
@@ -368,29 +378,54 @@ def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
                              "step_s": seconds})
 
 
-def trainer_step_time(model: ClaraForRAG, documents: list[str], answers: list[str], steps: int = 12) -> float:
-    """Median seconds between the ends of consecutive `SCPTrainer` steps (paraphrase rows, batch 2, no
-    accumulation), after 2 warm-up steps: the model's step and the loop's own work (data, clipping, scheduler)."""
+def loop_row(model_name: str, config: PerformanceConfig, documents: list[str], answers: list[str]) -> dict:
+    """Stage 1 through `SCPTrainer`'s loop on the rows of the stage-1 step, on a new model as the stage starts: what
+    the loop adds to the model's step (collating, moving the batch, clipping, scheduling, logging)."""
+    row = {"what": "stage 1 through SCPTrainer's loop", "rows": len(documents),
+           "dataloader_num_workers": config.dataloader_num_workers}
+    try:
+        seconds = trainer_step_time(
+            build_model(model_name, config, 32), documents, answers, rows=len(documents),
+            dataloader_num_workers=config.dataloader_num_workers, gradient_checkpointing=config.gradient_checkpointing,
+            cudnn_attention=config.cudnn_attention,
+        )
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return row | {"step_s": "out of memory"}
+    return row | {"step_s": seconds}
+
+
+def trainer_step_time(
+    model: ClaraForRAG, documents: list[str], answers: list[str], rows: int = 2, steps: int = 12, **options
+) -> float:
+    """Mean seconds per `SCPTrainer` step (paraphrase rows of `documents` and `answers`, `rows` per step, no
+    accumulation, logging every 10 steps; `options`: more `SCPConfig` settings) over the steps after 2 warm-up
+    steps: the model's step and the loop's own work (data, clipping, scheduler, logging). The device is waited for
+    only at the two ends, so that the host may run ahead as in training. `model` must be untrained (stage 1's
+    start); it is trained."""
     from transformers import TrainerCallback
 
     from trainers import SCPConfig, SCPTrainer
 
-    ends = []
+    ends = {}
 
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, *args, **kwargs):
-            _sync()
-            ends.append(time.perf_counter())
+    class WarmUpAndLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (2, steps):
+                _sync()
+                ends[state.global_step] = time.perf_counter()
 
-    rows = [{"data_type": "paraphrase", "question": [], "answers": [a], "docs": [d]} for d, a in zip(documents, answers)]
+    pairs = list(zip(documents, answers))
+    examples = [{"data_type": "paraphrase", "question": [], "answers": [a], "docs": [d]} for d, a in pairs]
     with tempfile.TemporaryDirectory() as directory:
         data = Path(directory) / "scp.jsonl"
-        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        args = SCPConfig(output_dir=directory, train_file=str(data), max_steps=steps, per_device_train_batch_size=2,
-                         gradient_accumulation_steps=1, logging_steps=steps, save_strategy="no", report_to="none",
-                         disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-        SCPTrainer(model, args, callbacks=[StepEnds()]).train()
-    return statistics.median(end - start for start, end in zip(ends[2:], ends[3:]))
+        # Enough rows for every step in one epoch: a new epoch would restart the dataloader (and its workers).
+        data.write_text("".join(json.dumps(examples[i % len(examples)]) + "\n" for i in range(rows * steps)))
+        args = SCPConfig(output_dir=directory, train_file=str(data), max_steps=steps, per_device_train_batch_size=rows,
+                         gradient_accumulation_steps=1, logging_steps=10, save_strategy="no", report_to="none",
+                         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), **options)
+        SCPTrainer(model, args, callbacks=[WarmUpAndLastStep()]).train()
+    return (ends[steps] - ends[2]) / (steps - 2)
 
 
 def plain_lora_model(base):

@@ -53,9 +53,10 @@ from trainers.data import validate_row
 
 ROOT = Path(__file__).resolve().parents[1]
 # Settings a resumed study may change: they decide where things go, when to stop and what memory training takes,
-# not what is measured (gradient checkpointing gives the weights training gives without it).
+# not what is measured (gradient checkpointing gives the weights training gives without it, and the batches are the
+# same whichever process collates them).
 RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", "resume", "render_only",
-                      "gradient_checkpointing"}
+                      "gradient_checkpointing", "dataloader_num_workers"}
 # Settings that only a training stage and the stages after it depend on, in the order of the stages: a study started
 # from another (--start_from) may change them, and runs again from the first stage whose settings changed.
 STAGE_SETTINGS = {
@@ -157,6 +158,12 @@ class StudyConfig:
         metadata={"help": "Train with gradient checkpointing: less memory for the same weights, so more rows per "
                   "step fit (docs/performance.md)."},
     )
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={"help": "Processes that collate the next batches while a step trains (0: the training loop collates "
+                  "each batch itself, between steps). On a GPU, 2 takes the collation off the host's path; on a "
+                  "2-core CPU the workers would compete with the step's threads (docs/performance.md)."},
+    )
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
     prose_passages: int = field(
         default=0,
@@ -212,8 +219,9 @@ class StudyConfig:
         for name in ("scp_distillation_weight", "instruct_distillation_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if self.prose_passages < 0:
-            raise ValueError(f"--prose_passages must be >= 0, got {self.prose_passages}.")
+        for name in ("prose_passages", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("instruct_batch_size", "joint_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
@@ -560,7 +568,7 @@ def training_settings(
         output_dir=str(directory), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1, learning_rate=learning_rate, warmup_steps=0.03, logging_steps=10,
         save_strategy="no", report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-        max_length=config.max_length, disable_tqdm=True, dataloader_num_workers=0,
+        max_length=config.max_length, disable_tqdm=True,
     )
 
 
@@ -690,7 +698,8 @@ class Study:
     def trainer_options(self) -> dict:
         """What every stage's trainer takes from the study besides its stage's settings: how it computes."""
         config = self.config
-        return {"cudnn_attention": config.cudnn_attention, "gradient_checkpointing": config.gradient_checkpointing}
+        return {"cudnn_attention": config.cudnn_attention, "gradient_checkpointing": config.gradient_checkpointing,
+                "dataloader_num_workers": config.dataloader_num_workers}
 
     @property
     def device(self) -> str:

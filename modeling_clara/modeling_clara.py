@@ -109,7 +109,9 @@ def differentiable_topk(scores: torch.Tensor, k: int, temperature: float) -> tup
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     logits = scores / temperature
     indices = scores.topk(k, dim=-1).indices
-    hard = F.one_hot(indices, num_candidates).to(logits.dtype)  # [B, k, N]
+    # [B, k, N]; not F.one_hot, which reads the indices' range back to the host (a GPU sync)
+    hard = torch.zeros(*indices.shape, num_candidates, dtype=logits.dtype, device=logits.device)
+    hard.scatter_(-1, indices.unsqueeze(-1), 1.0)
     taken = torch.zeros_like(logits)
     slots = []
     for slot in range(k):
@@ -214,6 +216,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             hidden_size = config.text_config.hidden_size
             self.register_buffer("memory_mean", torch.zeros(config.num_memory_tokens, hidden_size))
             self.register_buffer("memory_scale", torch.zeros(()))
+        self._memory_scale_set = False  # known on the host once seen set (`_memory_scale_is_set`)
+        self._memory_token_ids = {}  # (device, ids) -> config.memory_token_ids there (`_memory_token_ids_on`)
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
         # Found once: switching adapters touches only these layers.
         self._lora_layers = [m for m in self.language_model.modules() if isinstance(m, BaseTunerLayer)]
@@ -704,6 +708,25 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     # ------------------------------------------------------------------ core computations
 
+    def _memory_token_ids_on(self, device: torch.device) -> torch.Tensor:
+        """`config.memory_token_ids` as a tensor on `device`, made once per device: making it each forward pass
+        copies it from the host, which on a GPU waits for the device (a blocking copy is a sync)."""
+        key = (device, tuple(self.config.memory_token_ids))
+        if key not in self._memory_token_ids:
+            self._memory_token_ids[key] = torch.tensor(key[1], device=device)
+        return self._memory_token_ids[key]
+
+    def _memory_scale_is_set(self) -> bool:
+        """Whether `memory_scale` holds the first training batch's value (it is 0 before). Read from the device until
+        it is set, then known on the host: a read each training step would make the host wait for the device."""
+        if not self._memory_scale_set:
+            self._memory_scale_set = bool(self.memory_scale != 0)
+        return self._memory_scale_set
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._memory_scale_set = False  # a loaded `memory_scale` may be 0 again: read it anew
+        super()._load_from_state_dict(*args, **kwargs)
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings, with the rows of CLaRa's added tokens taken from `added_token_embeddings`."""
         is_new = input_ids >= self.first_new_token_id
@@ -724,9 +747,10 @@ class ClaraForRAG(ClaraPreTrainedModel):
             MSE between their mean and the mean of the other non-padding states.
         """
         num_memory = self.config.num_memory_tokens
-        memory_ids = torch.tensor(self.config.memory_token_ids, device=input_ids.device)
-        if input_ids.dim() != 2 or not torch.equal(input_ids[:, -num_memory:], memory_ids.expand(len(input_ids), -1)):
-            raise ValueError("Compression inputs must be [B, L], left-padded, ending with the memory tokens.")
+        layout = "Compression inputs must be [B, L], left-padded, ending with the memory tokens."
+        if input_ids.dim() != 2 or input_ids.shape[1] < num_memory:
+            raise ValueError(layout)
+        _require((input_ids[:, -num_memory:] == self._memory_token_ids_on(input_ids.device)).all(), layout)
         with self._running(component):
             hidden = self.language_model.get_decoder()(
                 inputs_embeds=self.embed_tokens(input_ids),
@@ -749,20 +773,24 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 over the batch; for a varying number of documents per question).
         """
         embeddings = self.embed_tokens(input_ids)
-        placeholders = torch.isin(input_ids, torch.tensor(self.config.memory_token_ids, device=input_ids.device))
+        placeholders = torch.isin(input_ids, self._memory_token_ids_on(input_ids.device))
         vectors = memories.reshape(-1, memories.shape[-1])
         if memories.dim() == 4 and memories.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{input_ids.shape[0]} prompts but memories for {memories.shape[0]}.")
-        if vectors.shape[0] != int(placeholders.sum()):
-            raise ValueError(
-                f"The prompts hold {int(placeholders.sum())} memory placeholders but {vectors.shape[0]} memory "
-                f"vectors were given (shape {tuple(memories.shape)})."
-            )
+        _require(
+            placeholders.sum() == vectors.shape[0],
+            f"The prompts' memory placeholders are not as many as the {vectors.shape[0]} memory vectors given "
+            f"(shape {tuple(memories.shape)}).",
+        )
         if vectors.shape[-1] != embeddings.shape[-1]:
             raise ValueError(f"Memories have hidden size {vectors.shape[-1]}, the model {embeddings.shape[-1]}.")
-        embeddings = embeddings.clone()
-        embeddings[placeholders] = self.centered_memories(vectors).to(embeddings.dtype)
-        return embeddings
+        if not len(vectors):
+            return embeddings
+        # The i-th placeholder (row-major) reads vector i: a gather, where assigning through the boolean mask would
+        # count the placeholders on the host (a GPU sync in the forward pass and another in the backward).
+        slots = (placeholders.flatten().cumsum(0) - 1).clamp(min=0).view_as(placeholders)
+        read = self.centered_memories(vectors).to(embeddings.dtype)[slots]
+        return torch.where(placeholders.unsqueeze(-1), read, embeddings)
 
     def centered_memories(self, vectors: torch.Tensor) -> torch.Tensor:
         """What the generator reads in place of `vectors` (`[M, hidden]`, whole documents' memories in order).
@@ -780,9 +808,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
         documents = vectors.reshape(-1, self.config.num_memory_tokens, vectors.shape[-1])
         training = self.training and torch.is_grad_enabled()
         # Training: sums over every process's batch (SyncBatchNorm's scheme), so N processes train as one would.
-        count = _sum_over_processes(documents.new_tensor(float(len(documents)))) if training else 0
+        count = len(documents) if training else 0
+        if training and _distributed():
+            count = int(_sum_over_processes(documents.new_tensor(float(count))))  # a read of the device's count
         if count < 2:  # not training, or a training batch of one document (e.g. an epoch's last)
-            if self.memory_scale == 0:
+            if not self._memory_scale_is_set():
                 if not training:
                     return vectors
                 raise ValueError(
@@ -793,15 +823,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
         else:
             mean = _sum_over_processes(documents.sum(0), differentiable=True) / count
             with torch.no_grad():
-                squares = _sum_over_processes((documents - mean).float().pow(2).sum())
-                centered_rms = (squares / (count * mean.numel())).sqrt()
-                if self.memory_scale == 0 and centered_rms > 0:  # documents with equal memories carry nothing to scale
-                    self.memory_mean.copy_(mean)
-                    with _gathered([self.language_model.get_input_embeddings().weight]):
-                        embedding_rms = self.language_model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
-                    self.memory_scale.copy_(embedding_rms / centered_rms)
-                elif self.memory_scale != 0:
+                if self._memory_scale_is_set():
                     self.memory_mean.lerp_(mean.to(self.memory_mean.dtype), self.config.memory_mean_momentum)
+                else:
+                    squares = _sum_over_processes((documents - mean).float().pow(2).sum())
+                    centered_rms = (squares / (count * mean.numel())).sqrt()
+                    if centered_rms > 0:  # documents with equal memories carry nothing to scale
+                        self.memory_mean.copy_(mean)
+                        with _gathered([self.language_model.get_input_embeddings().weight]):
+                            embedding_rms = self.language_model.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+                        self.memory_scale.copy_(embedding_rms / centered_rms)
         return ((documents - mean) * self.memory_scale.to(documents.dtype)).reshape(vectors.shape)
 
     def forward(
@@ -869,8 +900,10 @@ class ClaraForRAG(ClaraPreTrainedModel):
             query_memories, _ = self.memory_states(query_input_ids, query_attention_mask, "query_reasoner")
             retrieval_scores = cosine_scores(query_memories, document_memories)
             if document_mask is not None:
-                if (document_mask.sum(-1) < top_k).any():
-                    raise ValueError(f"generation_top_k={top_k} but a row has fewer real candidate documents.")
+                _require(
+                    (document_mask.sum(-1) >= top_k).all(),
+                    f"generation_top_k={top_k} but a row has fewer real candidate documents.",
+                )
                 retrieval_scores = retrieval_scores.masked_fill(~document_mask.bool(), float("-inf"))
             weights, selected_indices = differentiable_topk(
                 retrieval_scores, top_k, self.config.retrieval_temperature
@@ -885,7 +918,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             if not 0 < logits_to_keep <= labels.shape[1]:
                 raise ValueError(f"logits_to_keep={logits_to_keep} must be between 1 and the {labels.shape[1]} positions.")
             # Position i's logits predict token i + 1; no position predicts token 0.
-            torch._assert_async(
+            _require(
                 (labels[:, 1 : labels.shape[1] - logits_to_keep + 1] == -100).all(),
                 f"labels before the last {logits_to_keep - 1} positions: logits_to_keep={logits_to_keep} drops them",
             )
@@ -1206,8 +1239,7 @@ def _gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):
 def _sum_over_processes(tensor: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
     """`tensor` summed over the processes of a distributed run (itself otherwise); `differentiable`: the gradient
     flows back to every process's part."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_world_size() == 1:
+    if not _distributed():
         return tensor
     if differentiable:
         from torch.distributed.nn.functional import all_reduce
@@ -1248,6 +1280,21 @@ def _replaying_adapters(checkpoint_function, lora_layers: list[BaseTunerLayer]):
         return checkpoint_function(replayed, *args, **kwargs)
 
     return checkpointed
+
+
+def _require(condition: torch.Tensor, message: str) -> None:
+    """Raises `ValueError(message)` unless the boolean `condition` holds. On an accelerator the check is a
+    device-side assert instead, failing later and asynchronously: reading `condition` on the host would make it wait
+    for the device (a sync), which in a training step costs the overlap of the host's work with the device's."""
+    if condition.device.type == "cpu":
+        if not condition:
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

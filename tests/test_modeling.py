@@ -650,7 +650,7 @@ def test_the_answers_logits_alone_give_the_same_loss_and_gradients(clara):
     assert gradients[0].keys() == gradients[1].keys() and gradients[0]
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-9, atol=1e-12)
-    with pytest.raises(RuntimeError, match="logits_to_keep=.* drops them"):
+    with pytest.raises(ValueError, match="logits_to_keep=.* drops them"):
         model(**batch, logits_to_keep=keep - 1)
     with pytest.raises(ValueError, match="between 1 and the"):
         model(**batch, logits_to_keep=batch["labels"].shape[1] + 1)

@@ -4,11 +4,13 @@ settings and parameter snapshots. Imported by the test modules and by `conftest.
 import gzip
 import json
 import string
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from modeling_clara import ClaraForRAG
@@ -268,3 +270,35 @@ def write_dictd(folder: Path, name: str, entries: list[tuple[list[str], str]], c
     else:
         (folder / f"{name}.dict").write_bytes(data)
     return folder
+
+
+class HostReads(TorchDispatchMode):
+    """Records, while `recording`, each operation that reads a tensor's values on the host, which on a GPU makes the
+    host wait for the device (a sync): scalar reads (`.item()`, `bool()`, `int()`), results shaped by the data
+    (`nonzero`, boolean-mask indexing, `masked_select`), `torch.equal`, and tensors made from host data
+    (`torch.tensor(..., device=...)`, a blocking copy to a GPU). Left out: the data loader's work (host tensors by
+    design), `_require`'s check (a device-side assert on a GPU) and transformers' mask creation, which reads the
+    padding mask to decide whether attention may skip it (one read per decoder call, not ours to change).
+    `sites`: `"operation at file:line (function)"` of the innermost frame outside torch, one per read."""
+
+    READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "lift_fresh", "lift_fresh_copy", "_unique2"}
+    EXEMPT = ("torch/utils/data/", "transformers/masking_utils.py")
+
+    def __init__(self):
+        super().__init__()
+        self.recording = False
+        self.sites = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        mask_indexing = name in ("index", "index_put", "index_put_") and any(
+            index is not None and index.dtype == torch.bool for index in args[1]
+        )
+        if self.recording and (name in self.READS or mask_indexing):
+            frames = traceback.extract_stack()[:-1]
+            exempt = any(e in f.filename for f in frames for e in self.EXEMPT) or any(f.name == "_require" for f in frames)
+            if not exempt:
+                outside_torch = [f for f in frames if "/torch/" not in f.filename]
+                site = outside_torch[-1]
+                self.sites.append(f"{name} at {Path(site.filename).name}:{site.lineno} ({site.name})")
+        return func(*args, **(kwargs or {}))

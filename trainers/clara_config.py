@@ -34,6 +34,10 @@ class ClaraTrainingConfig(TrainingArguments):
     weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=2, gradient_accumulation_steps=16 (global batch
     128 on 4 devices), num_train_epochs=1, logging_steps=10, seed=42, remove_unused_columns=False (the collators need
     the raw rows), prediction_loss_only=True (evaluation keeps no logits).
+
+    And logging_nan_inf_filter=False: the filter reads every step's loss on the host, which on a GPU makes the host
+    wait for the step's forward and backward passes before it queues more work. `ClaraTrainer` stops on a non-finite
+    loss or gradient norm at the next logging step instead.
     """
 
     train_file: str | None = field(default=None, metadata={"help": "Training JSONL in the stage's format."})
@@ -59,6 +63,7 @@ class ClaraTrainingConfig(TrainingArguments):
     seed: int = 42
     remove_unused_columns: bool = False
     prediction_loss_only: bool = True
+    logging_nan_inf_filter: bool = False
 
     def __post_init__(self):
         super().__post_init__()

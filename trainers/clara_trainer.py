@@ -208,10 +208,9 @@ class ClaraTrainer(Trainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         compressed = [batch for batch in batch_samples if "document_input_ids" in batch]
         if compressed:
-            count = sum(int(batch["document_mask"].sum()) for batch in compressed)
-            count = torch.tensor(count, device=device)
+            count = sum(_real_documents(batch) for batch in compressed)  # a tensor on the device, or a Python int
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                count = self.accelerator.gather(count).sum()
+                count = self.accelerator.gather(torch.as_tensor(count, device=device)).sum()
             for batch in compressed:
                 batch["num_documents_in_batch"] = count
         return batch_samples, num_items_in_batch
@@ -275,27 +274,36 @@ class ClaraTrainer(Trainer):
         if outputs.mse_loss is not None:
             mse_loss = outputs.mse_loss.detach()
             if "num_documents_in_batch" in inputs:
-                mse_loss = mse_loss * inputs["num_documents_in_batch"] / inputs["document_mask"].sum().clamp(min=1)
+                mse_loss = mse_loss * inputs["num_documents_in_batch"] / _real_documents(inputs)
             metrics["mse_loss"].append(mse_loss)
         if outputs.selected_indices is not None and positive_mask is not None:
-            has_positive = positive_mask.any(-1)
-            if has_positive.any():
-                hits = positive_mask.gather(1, outputs.selected_indices).sum(-1).float()[has_positive]
-                k = outputs.selected_indices.shape[-1]
-                metrics[f"recall@{k}"].append((hits / positive_mask.sum(-1)[has_positive]).mean())
-                metrics[f"precision@{k}"].append((hits / k).mean())
+            # Over the rows with a positive, as (sum, count): selecting them would count them on the host.
+            positives = positive_mask.sum(-1)
+            has_positive = positives > 0
+            hits = positive_mask.gather(1, outputs.selected_indices).sum(-1).float()
+            k = outputs.selected_indices.shape[-1]
+            rows = has_positive.sum()
+            metrics[f"recall@{k}"].append(((hits / positives.clamp(min=1)).sum(), rows))
+            metrics[f"precision@{k}"].append(((hits / k).sum(), rows))
 
     def _recorded_metrics(self, mode: str, prefix: str) -> dict[str, float]:
-        """The means of what `_record_metrics` recorded in `mode` since the last call, over every process."""
-        # Ranks may hold different metric names (a batch without pos_index has no recall): merge sums and counts.
-        local = {name: (float(sum(values)), len(values)) for name, values in self._metrics[mode].items()}
+        """The means of what `_record_metrics` recorded in `mode` since the last call, over every process: of the
+        values recorded, or, for values recorded as `(sum, count)`, of what was summed (a metric with count 0, e.g.
+        recall over batches without positives, is left out)."""
+        local = {}
+        for name, values in self._metrics[mode].items():
+            pairs = [value if isinstance(value, tuple) else (value, 1) for value in values]
+            local[name] = (float(sum(total for total, _ in pairs)), float(sum(count for _, count in pairs)))
         self._metrics[mode].clear()
-        merged = defaultdict(lambda: [0.0, 0])
+        # Ranks may hold different metric names (a batch without pos_index has no recall): merge sums and counts.
+        merged = defaultdict(lambda: [0.0, 0.0])
         for rank_metrics in gather_object([local]) if self.accelerator.num_processes > 1 else [local]:
             for name, (total, count) in rank_metrics.items():
                 merged[name][0] += total
                 merged[name][1] += count
-        return {f"{prefix}{name}": round(total / count, 6) for name, (total, count) in sorted(merged.items())}
+        return {
+            f"{prefix}{name}": round(total / count, 6) for name, (total, count) in sorted(merged.items()) if count > 0
+        }
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         """`Trainer.evaluation_loop`, its metrics joined by the recorded ones (`eval_lm_loss`, `eval_recall@k`, ...),
@@ -355,6 +363,14 @@ class ClaraTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         (Path(output_dir) / TRAINING_RECORD).write_text(json.dumps(self.training_record, indent=2))
+
+
+def _real_documents(batch: dict) -> torch.Tensor | int:
+    """How many of a batch's documents are real (each row holds at least one): counted on the device where
+    `document_mask` marks them, else every document, known on the host."""
+    if "document_mask" in batch:
+        return batch["document_mask"].sum()
+    return math.prod(batch["document_input_ids"].shape[:2])
 
 
 def _fingerprint(path: str | None) -> dict | None:

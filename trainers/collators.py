@@ -26,9 +26,19 @@ SCP_QA_INSTRUCTION = "Generate questions that cover all key information of the d
 PARAPHRASE_INSTRUCTION = "Restate the document, keeping all of its information."
 
 
+def _document_mask(documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
+    """`document_mask [B, N]` when rows hold different numbers of documents (the shorter rows padded to N); nothing
+    when they hold the same, as the model then has no documents to leave out, and selecting the real ones by a mask
+    counts them on the host (a GPU sync)."""
+    counts = [len(documents) for documents in documents_per_row]
+    if len(set(counts)) == 1:
+        return {}
+    return {"document_mask": torch.tensor([[i < count for i in range(max(counts))] for count in counts], dtype=torch.bool)}
+
+
 def _document_tensors(processor, documents_per_row: list[list[str]]) -> dict[str, torch.Tensor]:
-    """`[B, N, L]` document tokens, `document_mask [B, N]` (rows with fewer documents are padded with copies of
-    their first document, masked out) and the fraction of the real documents that were truncated."""
+    """`[B, N, L]` document tokens, `_document_mask` (rows with fewer documents are padded with copies of their
+    first document, masked out) and the fraction of the real documents that were truncated."""
     flat = processor.tokenize_for_compression(
         [document for documents in documents_per_row for document in documents], warn_truncation=False
     )
@@ -38,13 +48,10 @@ def _document_tensors(processor, documents_per_row: list[list[str]]) -> dict[str
         rows.append([start + i for i in range(len(documents))] + [start] * (num_documents - len(documents)))
         start += len(documents)
     index = torch.tensor(rows)
-    document_mask = torch.tensor(
-        [[i < len(documents) for i in range(num_documents)] for documents in documents_per_row], dtype=torch.bool
-    )
     return {
         "document_input_ids": flat["input_ids"][index],
         "document_attention_mask": flat["attention_mask"][index],
-        "document_mask": document_mask,
+        **_document_mask(documents_per_row),
         "truncated_documents": torch.tensor(flat["num_truncated"] / len(flat["input_ids"])),
     }
 
@@ -205,7 +212,8 @@ class JointCollator(_GeneratorPrompts):
             batch.update(self._bank_memories([row["documents"] for row in rows]))
         queries = self.processor.tokenize_for_compression(questions, "question", warn_truncation=False)
         batch["query_input_ids"], batch["query_attention_mask"] = queries["input_ids"], queries["attention_mask"]
-        positive_mask = torch.zeros_like(batch["document_mask"])
+        candidates = batch["document_input_ids" if self.document_bank is None else "document_memories"].shape[1]
+        positive_mask = torch.zeros(len(rows), candidates, dtype=torch.bool)
         for i, row in enumerate(rows):
             positive_mask[i, row["positives"]] = True
         batch["positive_mask"] = positive_mask
@@ -216,7 +224,4 @@ class JointCollator(_GeneratorPrompts):
         index, memories = self.document_bank
         num_documents = max(len(documents) for documents in documents_per_row)
         rows = [[index[d] for d in documents] + [index[documents[0]]] * (num_documents - len(documents)) for documents in documents_per_row]
-        document_mask = torch.tensor(
-            [[i < len(documents) for i in range(num_documents)] for documents in documents_per_row], dtype=torch.bool
-        )
-        return {"document_memories": memories[torch.tensor(rows)], "document_mask": document_mask}
+        return {"document_memories": memories[torch.tensor(rows)], **_document_mask(documents_per_row)}
