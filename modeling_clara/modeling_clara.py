@@ -750,7 +750,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         layout = "Compression inputs must be [B, L], left-padded, ending with the memory tokens."
         if input_ids.dim() != 2 or input_ids.shape[1] < num_memory:
             raise ValueError(layout)
-        _require((input_ids[:, -num_memory:] == self._memory_token_ids_on(input_ids.device)).all(), layout)
+        _require((input_ids[:, -num_memory:] == self._memory_token_ids_on(input_ids.device)).all(), layout, self.training)
         with self._running(component):
             hidden = self.language_model.get_decoder()(
                 inputs_embeds=self.embed_tokens(input_ids),
@@ -781,6 +781,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             placeholders.sum() == vectors.shape[0],
             f"The prompts' memory placeholders are not as many as the {vectors.shape[0]} memory vectors given "
             f"(shape {tuple(memories.shape)}).",
+            self.training,
         )
         if vectors.shape[-1] != embeddings.shape[-1]:
             raise ValueError(f"Memories have hidden size {vectors.shape[-1]}, the model {embeddings.shape[-1]}.")
@@ -869,8 +870,10 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
         `logits_to_keep` k > 0: the LM head runs on the last k positions only (the collators pass the positions
         from the one that predicts the earliest answer token on), which saves its time and the memory of
-        `[B, T, vocab]` logits. Every labelled token must lie in the last k - 1 positions; one before raises (on a
-        GPU asynchronously, as a device-side assert, so the host does not wait).
+        `[B, T, vocab]` logits. Every labelled token must lie in the last k - 1 positions; one before raises.
+
+        The checks of the inputs' values raise `ValueError`, except in train mode on an accelerator, where they are
+        device-side asserts, so that a training step never waits for the device (`_require`).
         """
         if (document_input_ids is None) == (document_memories is None):
             raise ValueError("Pass exactly one of document_input_ids and document_memories.")
@@ -903,6 +906,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 _require(
                     (document_mask.sum(-1) >= top_k).all(),
                     f"generation_top_k={top_k} but a row has fewer real candidate documents.",
+                    self.training,
                 )
                 retrieval_scores = retrieval_scores.masked_fill(~document_mask.bool(), float("-inf"))
             weights, selected_indices = differentiable_topk(
@@ -921,6 +925,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             _require(
                 (labels[:, 1 : labels.shape[1] - logits_to_keep + 1] == -100).all(),
                 f"labels before the last {logits_to_keep - 1} positions: logits_to_keep={logits_to_keep} drops them",
+                self.training,
             )
             labels = labels[:, -logits_to_keep:]
         with self.adapter("generator"):
@@ -1282,11 +1287,12 @@ def _replaying_adapters(checkpoint_function, lora_layers: list[BaseTunerLayer]):
     return checkpointed
 
 
-def _require(condition: torch.Tensor, message: str) -> None:
-    """Raises `ValueError(message)` unless the boolean `condition` holds. On an accelerator the check is a
-    device-side assert instead, failing later and asynchronously: reading `condition` on the host would make it wait
-    for the device (a sync), which in a training step costs the overlap of the host's work with the device's."""
-    if condition.device.type == "cpu":
+def _require(condition: torch.Tensor, message: str, training: bool) -> None:
+    """Raises `ValueError(message)` unless the boolean `condition` holds. In `training` on an accelerator the check is
+    a device-side assert instead: reading `condition` on the host would make it wait for the device (a sync), which
+    costs the step the overlap of the host's work with the device's. Such an assert fails at the device's next sync
+    and CUDA may not show the message; the same inputs in eval mode, or on the CPU, raise it."""
+    if condition.device.type == "cpu" or not training:
         if not condition:
             raise ValueError(message)
     else:
