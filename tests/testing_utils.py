@@ -277,8 +277,8 @@ class HostReads(TorchDispatchMode):
     host wait for the device (a sync): scalar reads (`.item()`, `bool()`, `int()`), results shaped by the data
     (`nonzero`, boolean-mask indexing, `masked_select`), `torch.equal`, and tensors made from host data
     (`torch.tensor(..., device=...)`, a blocking copy to a GPU). Left out: the data loader's work (host tensors by
-    design), `_require`'s check (a device-side assert on a GPU) and transformers' mask creation, which reads the
-    padding mask to decide whether attention may skip it (one read per decoder call, not ours to change).
+    design), `_require`'s checks (device-side asserts in training on a GPU) and transformers' mask creation, which
+    reads the padding mask to decide whether attention may skip it (one read per decoder call, not ours to change).
     `sites`: `"operation at file:line (function)"` of the innermost frame outside torch, one per read."""
 
     READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "lift_fresh", "lift_fresh_copy", "_unique2"}
