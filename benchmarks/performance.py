@@ -17,7 +17,8 @@ Sections (each writes its rows into `results.json` as it finishes, then `docs/pe
   a plain peft LoRA step of the base over the same tokens (the documents and the generator sequences), with the
   attention kernels the trainers use (not cuDNN's, unless `--cudnn_attention`); `--gradient_checkpointing true`
   runs CLaRa's steps with gradient checkpointing. Also stage 1 on the same rows through `SCPTrainer`'s whole loop
-  (collating, with `--dataloader_num_workers`, moving the batch, clipping, scheduling, logging), on a new model.
+  (collating, with `--dataloader_num_workers`, moving the batch, clipping, scheduling, logging), on a new model;
+  on a GPU also with float32 weights under bf16 autocast, as the study trains.
 - step_overhead: the same steps on SmolLM2's modules at widths of 18 and a few tokens, where the arithmetic is
   negligible: the host's time per step (Python, dispatch, autograd), a floor under any GPU step of that model; and
   the time of one adapter switch.
@@ -341,7 +342,7 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
             measured = [{"what": "out of memory", "rows": rows}]
             torch.cuda.empty_cache()
         if 1 in config.training_stages:
-            measured.append(loop_row(model_name, config, documents[:rows], answers[:rows]))
+            measured += loop_rows(model_name, config, documents[:rows], answers[:rows])
         for row in measured:
             clara_step = not row["what"].startswith("plain")
             record("training", {"model": model_name, **row}
@@ -378,21 +379,30 @@ def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
                              "step_s": seconds})
 
 
-def loop_row(model_name: str, config: PerformanceConfig, documents: list[str], answers: list[str]) -> dict:
+def loop_rows(model_name: str, config: PerformanceConfig, documents: list[str], answers: list[str]) -> list[dict]:
     """Stage 1 through `SCPTrainer`'s loop on the rows of the stage-1 step, on a new model as the stage starts: what
-    the loop adds to the model's step (collating, moving the batch, clipping, scheduling, logging)."""
-    row = {"what": "stage 1 through SCPTrainer's loop", "rows": len(documents),
-           "dataloader_num_workers": config.dataloader_num_workers}
-    try:
-        seconds = trainer_step_time(
-            build_model(model_name, config, 32), documents, answers, rows=len(documents),
-            dataloader_num_workers=config.dataloader_num_workers, gradient_checkpointing=config.gradient_checkpointing,
-            cudnn_attention=config.cudnn_attention,
-        )
-    except torch.OutOfMemoryError:
+    the loop adds to the model's step (collating, moving the batch, clipping, scheduling, logging). On a GPU also with
+    the study's precision, float32 weights under bf16 autocast (`bf16=True`), where the step's model is in bf16."""
+    precisions = {"": {}}
+    if torch.cuda.is_available():
+        precisions[", float32 weights under bf16 autocast (as the study)"] = {"bf16": True}
+    rows = []
+    for suffix, options in precisions.items():
+        row = {"what": f"stage 1 through SCPTrainer's loop{suffix}", "rows": len(documents),
+               "dataloader_num_workers": config.dataloader_num_workers}
+        model = build_model(model_name, config, 32)
+        try:
+            seconds = trainer_step_time(
+                model.float() if options else model, documents, answers, rows=len(documents),
+                dataloader_num_workers=config.dataloader_num_workers,
+                gradient_checkpointing=config.gradient_checkpointing, cudnn_attention=config.cudnn_attention, **options,
+            )
+        except torch.OutOfMemoryError:
+            seconds = "out of memory"
+        del model
         torch.cuda.empty_cache()
-        return row | {"step_s": "out of memory"}
-    return row | {"step_s": seconds}
+        rows.append(row | {"step_s": seconds})
+    return rows
 
 
 def trainer_step_time(
