@@ -81,6 +81,23 @@ def test_later_batches_move_the_running_mean_that_inference_reads(centered):
     assert torch.equal(centered.memory_mean, expected_mean)  # inference does not update it
 
 
+def test_after_loading_unset_statistics_the_next_training_batch_sets_them_again(centered, tokenizer):
+    # The host remembers that the first batch set `memory_scale` (reading it each step would wait for a GPU); a load
+    # must make it read the value anew, or the generator would read every memory at scale 0, all alike.
+    memories = centered.compress_documents(DOCUMENTS)
+    centered.train()
+    for _ in range(2):  # the first batch sets the statistics, the second finds them set
+        read_by_generator(centered, memories)
+    assert centered.memory_scale > 0
+    unset = {name: value for name, value in new_model(tokenizer, center_memories=True).state_dict().items()
+             if name in ("memory_mean", "memory_scale")}
+    centered.load_state_dict(unset, strict=False)
+    assert centered.memory_scale == 0
+    read = read_by_generator(centered, memories)
+    assert centered.memory_scale > 0
+    torch.testing.assert_close(read.pow(2).mean().sqrt(), embedding_rms(centered), rtol=1e-4, atol=0)
+
+
 def test_before_any_training_batch_the_memories_are_read_as_they_are(centered, tokenizer):
     memories = centered.compress_documents(DOCUMENTS)
     assert torch.equal(read_by_generator(centered, memories), memories)
