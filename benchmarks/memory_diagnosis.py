@@ -90,8 +90,8 @@ class ContrastiveSCPTrainer(SCPTrainer):
         own = model(**prompt, document_memories=memories[:, None])
         other = model(**prompt, document_memories=memories.roll(1, 0)[:, None]).lm_loss
         hinge = torch.relu(CONTRASTIVE_MARGIN - (other - own.lm_loss))
-        self._metrics["train"]["lm_loss"].append(own.lm_loss.item())
-        self._metrics["train"]["memory_gap"].append((other - own.lm_loss).item())
+        self._metrics["train"]["lm_loss"].append((own.lm_loss.item(), 1))
+        self._metrics["train"]["memory_gap"].append(((other - own.lm_loss).item(), 1))
         loss = own.lm_loss + model.config.mse_weight * mse.mean() + hinge
         return (loss, own) if return_outputs else loss
 

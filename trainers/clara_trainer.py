@@ -235,7 +235,7 @@ class ClaraTrainer(Trainer):
             loss = loss + self.args.distillation_weight * distillation
         self._record_metrics(model, inputs, outputs, positive_mask, num_items_in_batch)
         for name, fraction in truncation.items():
-            self._metrics["train" if model.training else "eval"][name].append(fraction.detach())
+            self._metrics["train" if model.training else "eval"][name].append((fraction.detach(), 1))
         return (loss, outputs) if return_outputs else loss
 
     def _distillation_loss(self, model, inputs, outputs, text_inputs, num_items_in_batch) -> torch.Tensor:
@@ -257,7 +257,7 @@ class ClaraTrainer(Trainer):
             text_log_probs = torch.log_softmax(text_logits[:, :-1][text_answer[:, -(keep - 1) :]].to(precision), dim=-1)
         log_probs = torch.log_softmax(outputs.logits[:, :-1][answer].to(precision), dim=-1)
         per_token = F.kl_div(log_probs, text_log_probs, reduction="none", log_target=True).sum(-1)
-        self._metrics["train" if model.training else "eval"]["distillation_loss"].append(per_token.detach().mean())
+        self._metrics["train" if model.training else "eval"]["distillation_loss"].append((per_token.detach().mean(), 1))
         return per_token.mean() if num_items_in_batch is None else per_token.sum() / num_items_in_batch
 
     @torch.no_grad()
@@ -270,14 +270,14 @@ class ClaraTrainer(Trainer):
             # Back to this micro-batch's own mean per labelled token.
             local_tokens = (inputs["labels"][..., 1:] != -100).sum().clamp(min=1)
             lm_loss = lm_loss * num_items_in_batch / local_tokens
-        metrics["lm_loss"].append(lm_loss)
+        metrics["lm_loss"].append((lm_loss, 1))
         if outputs.mse_loss is not None:
             mse_loss = outputs.mse_loss.detach()
             if "num_documents_in_batch" in inputs:
                 mse_loss = mse_loss * inputs["num_documents_in_batch"] / _real_documents(inputs)
-            metrics["mse_loss"].append(mse_loss)
+            metrics["mse_loss"].append((mse_loss, 1))
         if outputs.selected_indices is not None and positive_mask is not None:
-            # Over the rows with a positive, as (sum, count): selecting them would count them on the host.
+            # Over the rows with a positive: selecting them instead would count them on the host.
             positives = positive_mask.sum(-1)
             has_positive = positives > 0
             hits = positive_mask.gather(1, outputs.selected_indices).sum(-1).float()
@@ -287,13 +287,13 @@ class ClaraTrainer(Trainer):
             metrics[f"precision@{k}"].append(((hits / k).sum(), rows))
 
     def _recorded_metrics(self, mode: str, prefix: str) -> dict[str, float]:
-        """The means of what `_record_metrics` recorded in `mode` since the last call, over every process: of the
-        values recorded, or, for values recorded as `(sum, count)`, of what was summed (a metric with count 0, e.g.
-        recall over batches without positives, is left out)."""
-        local = {}
-        for name, values in self._metrics[mode].items():
-            pairs = [value if isinstance(value, tuple) else (value, 1) for value in values]
-            local[name] = (float(sum(total for total, _ in pairs)), float(sum(count for _, count in pairs)))
+        """The means of what was recorded in `mode` since the last call, over every process. Each record is a
+        `(sum, count)` pair, tensors left on the device until here; a metric whose count is 0 (recall over batches
+        without positives) is left out."""
+        local = {
+            name: (float(sum(total for total, _ in records)), float(sum(count for _, count in records)))
+            for name, records in self._metrics[mode].items()
+        }
         self._metrics[mode].clear()
         # Ranks may hold different metric names (a batch without pos_index has no recall): merge sums and counts.
         merged = defaultdict(lambda: [0.0, 0.0])
