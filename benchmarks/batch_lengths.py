@@ -17,7 +17,7 @@ import torch
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import Study, StudyConfig, build_data, training_settings  # noqa: E402
+from reproduce import StudyConfig, build_data, new_model, training_settings  # noqa: E402
 
 from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer  # noqa: E402
 
@@ -51,9 +51,7 @@ def main(argv=None) -> int:
     if config.instruct_answers != "gold":
         raise ValueError("--instruct_answers teacher: stage 2's rows are the base's generated answers, not replayed here.")
     data = build_data(config, Path(config.output_dir) / "data")
-    study = Study.__new__(Study)  # only its model construction is needed
-    study.config = config
-    model = study.new_model(config.rates[0])
+    model = new_model(config, config.rates[0])
     model.config.generation_top_k = 1  # stage 3's, as the study sets it; stages 1 and 2 do not read it
     results = {"settings": asdict(config), "stages": {}}
     for stage, trainer_class, config_class, file, epochs, learning_rate, batch_size in [

@@ -572,6 +572,17 @@ def training_settings(
     )
 
 
+def new_model(config: StudyConfig, rate: int) -> ClaraForRAG:
+    """The study's untrained CLaRa at compression `rate`, on the available device, in eval mode."""
+    torch.manual_seed(42)
+    base, tokenizer = load_base_model(config.base)
+    model = ClaraForRAG.from_base_model(
+        base.to(default_device()), tokenizer, compression_rate=rate, doc_max_length=config.doc_max_length,
+        mse_weight=config.mse_weight, center_memories=config.center_memories,
+    )
+    return model.eval()
+
+
 def train_stage(trainer_class, config_class, model, settings: dict, train_file: str, callbacks=None, **stage_options):
     args = config_class(train_file=train_file, **settings, **stage_options)
     trainer = trainer_class(model, args, callbacks=callbacks)
@@ -685,15 +696,6 @@ class Study:
         logger.warning("Time budget spent: skipping %s.", phase)
         return False
 
-    def new_model(self, rate: int) -> ClaraForRAG:
-        torch.manual_seed(42)
-        base, tokenizer = load_base_model(self.config.base)
-        model = ClaraForRAG.from_base_model(
-            base.to(self.device), tokenizer, compression_rate=rate, doc_max_length=self.config.doc_max_length,
-            mse_weight=self.config.mse_weight, center_memories=self.config.center_memories,
-        )
-        return model.eval()
-
     @property
     def trainer_options(self) -> dict:
         """What every stage's trainer takes from the study besides its stage's settings: how it computes."""
@@ -711,7 +713,7 @@ class Study:
     def model_after(self, rate: int, stage: str | None) -> ClaraForRAG:
         """The model as the finished phase `stage` of this rate left it (None or untrained: a new one)."""
         if stage in (None, "untrained"):
-            return self.new_model(rate)
+            return new_model(self.config, rate)
         model = ClaraForRAG.from_pretrained(self.checkpoint(rate, stage), base_model=self.config.base)
         return model.to(self.device)
 

@@ -305,7 +305,7 @@ def test_stage_2_can_train_on_the_bare_bases_own_answers_reading_the_passage(
             config("wrong", **wrong)
     silent = reproduce.Study(config("silent", base=tiny_base_dir, instruct_answers="teacher"))
     with pytest.raises(ValueError, match="the base answered none of the 10 stage-2 questions"):
-        reproduce.teacher_answer_rows(silent.new_model(4), silent.config, str(tmp_path / "teacher" / "data" /
+        reproduce.teacher_answer_rows(reproduce.new_model(silent.config, 4), silent.config, str(tmp_path / "teacher" / "data" /
                                       "instruct.jsonl"), tmp_path / "silent")
 
 
