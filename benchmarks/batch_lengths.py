@@ -3,9 +3,13 @@ the model: which batches have a length of 64 mod 128, the lengths at which cuDNN
 H100/H200 (pytorch/pytorch#196678; docs/diagnosis.md, Finding 30).
 
     python benchmarks/batch_lengths.py --output lengths.json [STUDY OPTIONS...]   # reproduce.py's options
+    python benchmarks/batch_lengths.py --output lengths.json --step_seconds RUN/results.json [STUDY OPTIONS...]
 
 The study's data is built as `reproduce.py` builds it (in `--output_dir`), and each stage's trainer runs its loop with
-a training step that only records the batch's shapes, so the order is the one its seed gives on any machine.
+a training step that only records the batch's shapes, so the order is the one its seed gives on any machine. With
+`--step_seconds`, the results of a study run with the same options (on a GPU, say): each stage's step seconds
+(`reproduce.StepClock`) fitted against the padded tokens of its steps, which splits a step of the study's own loop into
+what it costs whatever its tokens and what it costs per 1,000 tokens.
 """
 
 import json
@@ -13,6 +17,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import HfArgumentParser
 
@@ -26,13 +31,14 @@ SEQUENCES = {"generator": "input_ids", "documents": "document_input_ids", "quest
 
 def batch_lengths(trainer) -> dict[str, list[int]]:
     """Per sequence the attention runs over (the generator's, the documents' and, in stage 3, the questions'): its
-    padded length at each step of `trainer.train()`."""
+    padded length at each step of `trainer.train()`, and under "<name> tokens" its padded tokens (sequences x length)."""
     lengths = {}
 
     def training_step(model, inputs, num_items_in_batch=None):
         for name, key in SEQUENCES.items():
             if key in inputs:
                 lengths.setdefault(name, []).append(inputs[key].shape[-1])
+                lengths.setdefault(f"{name} tokens", []).append(inputs[key].numel())
         return torch.zeros(())
 
     trainer.training_step = training_step
@@ -40,9 +46,31 @@ def batch_lengths(trainer) -> dict[str, list[int]]:
     return lengths
 
 
+def step_cost_fit(step_seconds: list[float], tokens: list[int], warm_up: int = 2) -> dict:
+    """Least squares of each step's seconds on its padded tokens, over the steps after the first `warm_up`:
+    `fixed_s`, what a step costs whatever its tokens, and `per_1k_tokens_s`."""
+    if len(step_seconds) != len(tokens):
+        raise ValueError(f"{len(step_seconds)} step times for {len(tokens)} batches: not the batches of the study "
+                         "these options give (or a study stopped or resumed within the stage).")
+    if len(tokens) < warm_up + 2:
+        raise ValueError(f"{len(tokens)} steps: a fit needs at least {warm_up + 2}.")
+    seconds, counts = np.array(step_seconds[warm_up:]), np.array(tokens[warm_up:], dtype=float) / 1000
+    (fixed, per_1k), *_ = np.linalg.lstsq(np.stack([np.ones_like(counts), counts], 1), seconds, rcond=None)
+    residual = seconds - fixed - per_1k * counts
+    return {"steps": len(seconds), "mean_step_s": round(float(seconds.mean()), 4),
+            "mean_tokens": round(float(counts.mean() * 1000)), "fixed_s": round(float(fixed), 4),
+            "per_1k_tokens_s": round(float(per_1k), 5),
+            "r2": round(float(1 - residual.var() / seconds.var()), 3) if seconds.var() > 0 else None}
+
+
 @dataclass
 class LengthsOutput:
     output: str = field(metadata={"help": "The JSON file of every batch's lengths."})
+    step_seconds: str | None = field(
+        default=None,
+        metadata={"help": "The results.json of a study run with the same options: fit its first rate's step seconds "
+                  "against each step's padded tokens (`step_cost_fit`)."},
+    )
 
 
 def main(argv=None) -> int:
@@ -50,6 +78,7 @@ def main(argv=None) -> int:
     config, lengths_output = parser.parse_args_into_dataclasses(args=argv)
     if config.instruct_answers != "gold":
         raise ValueError("--instruct_answers teacher: stage 2's rows are the base's generated answers, not replayed here.")
+    timed = json.loads(Path(lengths_output.step_seconds).read_text())["training"] if lengths_output.step_seconds else {}
     data = build_data(config, Path(config.output_dir) / "data")
     model = new_model(config, config.rates[0])
     model.config.generation_top_k = 1  # stage 3's, as the study sets it; stages 1 and 2 do not read it
@@ -74,6 +103,12 @@ def main(argv=None) -> int:
         results["stages"][stage] = {"steps": steps, "steps_of_64_mod_128": at_risk, "lengths": lengths}
         print(f"{stage}: {steps} steps; generator lengths {min(lengths['generator'])}-{max(lengths['generator'])}; "
               f"steps with a length of 64 mod 128: {at_risk}")
+        if timed:
+            tokens = [sum(step_tokens) for step_tokens in zip(*(lengths[f"{name} tokens"] for name in trained))]
+            fit = step_cost_fit(timed[f"cr{config.rates[0]} {stage}"]["step_seconds"], tokens)
+            results["stages"][stage]["step_cost"] = fit
+            print(f"{stage}: a step costs {fit['fixed_s']} s plus {fit['per_1k_tokens_s']} s per 1,000 padded tokens "
+                  f"(R2 {fit['r2']}; mean {fit['mean_step_s']} s at {fit['mean_tokens']} tokens)")
     Path(lengths_output.output).write_text(json.dumps(results))
     return 0
 

@@ -28,6 +28,7 @@ import math
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainerCallback
 
 from data_synthesis.prose import (
     PROSE_SOURCES,
@@ -583,18 +584,55 @@ def new_model(config: StudyConfig, rate: int) -> ClaraForRAG:
     return model.eval()
 
 
-def train_stage(trainer_class, config_class, model, settings: dict, train_file: str, callbacks=None, **stage_options):
+class StepClock(TrainerCallback):
+    """Each optimizer step's seconds, read on the host at the step's end without waiting for the device. Every step
+    waits for the device's earlier work at its first decoder call (transformers' mask creation reads the padding
+    mask: docs/performance.md), so on a GPU the steps are the device's to within one step. Beside the padded lengths
+    of `benchmarks/batch_lengths.py` (the same batches in the same order), they show what a step of the study's own
+    loop costs per token and what it costs whatever its tokens."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.ends = [time.perf_counter()]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        return [round(end - start, 4) for start, end in zip(self.ends, self.ends[1:])]
+
+
+def gpu_memory_counts(before: dict | None = None) -> dict:
+    """The CUDA caching allocator's peaks since the last `torch.cuda.reset_peak_memory_stats()` and its counts since
+    `before` (an earlier call's result): a retry frees every cached block and waits for the device, and a run whose
+    batches vary in length may retry every step when memory is tight. Empty without a GPU."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    counts = {name: stats.get(name, 0) - (before or {}).get(name, 0)
+              for name in ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free")}
+    return {"peak_allocated_gib": round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 2),
+            "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 2), **counts}
+
+
+def train_stage(trainer_class, config_class, model, settings: dict, train_file: str, callbacks=(), **stage_options):
+    """Trains `model` with `trainer_class`; returns the stage's time, steps, first and last losses, each step's
+    seconds (`StepClock`) and, on a GPU, the allocator's peaks and counts (`gpu_memory_counts`)."""
     args = config_class(train_file=train_file, **settings, **stage_options)
-    trainer = trainer_class(model, args, callbacks=callbacks)
+    clock = StepClock()
+    trainer = trainer_class(model, args, callbacks=[*callbacks, clock])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    memory_before = gpu_memory_counts()
     started = time.perf_counter()
     trainer.train()
     losses = [entry["lm_loss"] for entry in trainer.state.log_history if "lm_loss" in entry]
     distillation = [entry["distillation_loss"] for entry in trainer.state.log_history if "distillation_loss" in entry]
     model.eval()
+    memory = gpu_memory_counts(memory_before)
     return {"seconds": round(time.perf_counter() - started, 1), "steps": trainer.state.global_step,
             "first_lm_loss": losses[0] if losses else None, "last_lm_loss": losses[-1] if losses else None} | (
         {"first_distillation_loss": distillation[0], "last_distillation_loss": distillation[-1]} if distillation else {}
-    )
+    ) | {"step_seconds": clock.step_seconds()} | ({"gpu_memory": memory} if memory else {})
 
 
 # ---------------------------------------------------------------- the study
@@ -968,9 +1006,11 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
                       **{k: v for k, v in results["retrieval"].items() if k != "baselines"}}
     for name, scores in retrieval_rows.items():
         lines.append(f"| {name} | {scores['recall@1']} | {scores['recall@5']} |")
-    lines += ["", "## Training", "", "| run | steps | seconds | first lm_loss | last lm_loss |", "|---|---|---|---|---|"]
+    lines += ["", "## Training", "", "| run | steps | seconds | median step (s) | first lm_loss | last lm_loss |",
+              "|---|---|---|---|---|---|"]
     for name, stats in results["training"].items():
-        lines.append(f"| {name} | {stats['steps']} | {stats['seconds']} | {stats['first_lm_loss']} | "
+        step = statistics.median(stats["step_seconds"]) if stats.get("step_seconds") else ""  # older studies: none
+        lines.append(f"| {name} | {stats['steps']} | {stats['seconds']} | {step} | {stats['first_lm_loss']} | "
                      f"{stats['last_lm_loss']} |")
     if results["skipped"]:
         lines += ["", f"Skipped for the time budget: {', '.join(results['skipped'])}."]

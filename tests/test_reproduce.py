@@ -175,6 +175,8 @@ def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one
         f"rate 4: {stage}" for stage in ("untrained", "stage 1", "stage 2", "stage 3")
     ]
     assert resumed["resumed_by"] == [""] and resumed["elapsed_s"] > saved["elapsed_s"]
+    for stats in resumed["training"].values():  # every step timed
+        assert len(stats["step_seconds"]) == stats["steps"] and min(stats["step_seconds"]) > 0
     # The models a resumed run starts from, and the last stage's.
     assert sorted(path.name for path in (tmp_path / "split" / "cr4").glob("model_after_*")) == [
         "model_after_stage1", "model_after_stage2", "model_after_stage3"
@@ -185,7 +187,7 @@ def test_a_study_resumed_after_a_crash_gives_the_results_of_an_uninterrupted_one
         expected, actual = flat(whole[part]), flat(resumed[part])
         assert actual.keys() == expected.keys(), part
         for key, value in expected.items():
-            if key.endswith("/seconds"):
+            if key.endswith(("/seconds", "/step_seconds")):
                 continue
             # Both runs compute the same on this machine; only the BLAS' float rounding may differ.
             assert actual[key] == (pytest.approx(value, abs=2e-4) if isinstance(value, float) else value), key
@@ -429,6 +431,36 @@ def test_the_diagnosis_trains_and_measures_every_variant(diagnosis, tiny_base_di
         diagnosis.DiagnosisConfig(variants=["sharpened"])
 
 
+# ---------------------------------------------------------------- benchmarks/batch_lengths.py
+
+
+def test_batch_lengths_replays_the_studys_batches_and_fits_its_step_times(reproduce, tiny_base_dir, tmp_path):
+    study = reproduce.Study(small_study(reproduce, tiny_base_dir, tmp_path, "run", batch_size=2)).run()
+    arguments = [f"--data={scp_file(tmp_path / 'scp.jsonl')}", f"--base={tiny_base_dir}",
+                 f"--output_dir={tmp_path / 'run'}", "--rates=4", "--doc_max_length=48", "--held_out=3",
+                 "--negatives=2", "--scp_epochs=1", "--instruct_epochs=1", "--joint_epochs=1", "--batch_size=2",
+                 "--max_length=512", f"--output={tmp_path / 'lengths.json'}",
+                 f"--step_seconds={tmp_path / 'run' / 'results.json'}"]
+    assert benchmark_using_the_study("batch_lengths").main(arguments) == 0
+    stages = json.loads((tmp_path / "lengths.json").read_text())["stages"]
+    for stage, replayed in stages.items():
+        trained = study["training"][f"cr4 {stage}"]
+        assert replayed["steps"] == trained["steps"] == replayed["step_cost"]["steps"] + 2  # after 2 warm-up steps
+        lengths = replayed["lengths"]  # every step but an epoch's last holds --batch_size rows
+        rows = [tokens // length for tokens, length in zip(lengths["generator tokens"], lengths["generator"])]
+        assert rows[:-1] == [2] * (trained["steps"] - 1) and 1 <= rows[-1] <= 2
+
+
+def test_step_cost_fit_splits_step_times_into_a_fixed_part_and_a_part_per_token():
+    fit = benchmark_using_the_study("batch_lengths").step_cost_fit
+    tokens = [9000, 100, 2000, 4000, 3000, 1000]
+    result = fit([5.0, 5.0] + [0.3 + 0.05 * count / 1000 for count in tokens[2:]], tokens)
+    assert result["fixed_s"] == pytest.approx(0.3) and result["per_1k_tokens_s"] == pytest.approx(0.05)
+    assert result["steps"] == 4 and result["r2"] == 1.0 and result["mean_tokens"] == 2500
+    with pytest.raises(ValueError, match="5 step times for 6 batches"):
+        fit([0.3] * 5, tokens)
+
+
 def test_every_system_reads_the_passages_cut_to_what_the_compressor_reads(reproduce, tiny_base_dir, tmp_path):
     # The fictional passages are 39-42 tokens; their first 30 end after the capital, before the flag's colour.
     settings = dict(data=scp_file(tmp_path / "scp.jsonl"), base=tiny_base_dir, held_out=3, questions_per_passage=2)
@@ -640,3 +672,18 @@ def test_answer_lengths_and_the_cover_of_answers_cut_short(tmp_path, capsys):
         answer_length.AnswerLengthConfig(reports=[sentences, sentences])
     with pytest.raises(ValueError, match="at least 1 word"):
         answer_length.AnswerLengthConfig(reports=[sentences], words=[0])
+
+
+def test_gpu_memory_counts_gives_the_allocators_peaks_and_its_counts_since_an_earlier_call(reproduce, monkeypatch):
+    if not torch.cuda.is_available():
+        assert reproduce.gpu_memory_counts() == {}
+    stats = {"allocated_bytes.all.peak": 3 * 2**30, "reserved_bytes.all.peak": 5 * 2**29, "num_alloc_retries": 7,
+             "num_ooms": 0, "num_device_alloc": 40, "num_device_free": 12}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: stats)
+    before = reproduce.gpu_memory_counts()
+    stats |= {"num_alloc_retries": 10, "num_device_alloc": 41, "num_device_free": 20}
+    assert reproduce.gpu_memory_counts(before) == {
+        "peak_allocated_gib": 3.0, "peak_reserved_gib": 2.5, "num_alloc_retries": 3, "num_ooms": 0,
+        "num_device_alloc": 1, "num_device_free": 8,
+    }
