@@ -77,7 +77,7 @@ def single_process_run(single_process_runs):
 @pytest.mark.parametrize(
     "launcher, variant",
     [("ddp", "plain"), ("zero2", "plain"), ("zero3", "plain"), ("ddp", "centered"), ("zero3", "centered"),
-     ("ddp", "distilled"), ("zero3", "distilled"), ("zero3", "checkpointed")],
+     ("ddp", "distilled"), ("zero3", "distilled"), ("ddp", "checkpointed"), ("zero3", "checkpointed")],
 )
 def test_two_processes_match_one(launcher, variant, single_process_runs, tiny_base_dir):
     directory, data, single_output = single_process_runs(variant)
