@@ -608,8 +608,8 @@ def gpu_memory_counts(before: dict | None = None) -> dict:
     if not torch.cuda.is_available():
         return {}
     stats = torch.cuda.memory_stats()
-    counts = {name: stats.get(name, 0) - (before or {}).get(name, 0)
-              for name in ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free")}
+    counts = {name: stats[name] - (before or {}).get(name, 0)  # the counts this torch keeps
+              for name in ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free") if name in stats}
     return {"peak_allocated_gib": round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 2),
             "peak_reserved_gib": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 2), **counts}
 
