@@ -1,3 +1,4 @@
+import gzip
 import json
 import logging
 import re
@@ -8,10 +9,12 @@ import pytest
 from clara_cli.main import main
 from data_synthesis.prose import (
     DICTD_FOLDER,
+    PYTHON_DOCS_FOLDER,
     STDLIB_LICENSE,
     _dictd_offset,
     dictd_passages,
     prose_passages,
+    python_docs_passages,
     reconstruction_row,
     stdlib_docstring_passages,
 )
@@ -100,7 +103,7 @@ def test_clara_prose_writes_rows_that_stage_1_reads(stdlib, tmp_path, capsys):
     assert json.loads(output.read_text().splitlines()[1])["source"] == "Lib/alpha.py:Lock"
     with pytest.raises(SystemExit, match="--limit"):
         main(["prose", "--output", str(output), "--limit", "0"])
-    with pytest.raises(SystemExit, match=r"Unknown --source 'wikipedia'; choose from \['stdlib', 'foldoc', 'jargon'\]"):
+    with pytest.raises(SystemExit, match=r"Unknown --source 'wikipedia'; choose from \['stdlib', 'foldoc', 'jargon', 'python-docs'\]"):
         main(["prose", "--output", str(output), "--source", "wikipedia"])
 
 
@@ -240,3 +243,162 @@ def test_debians_foldoc_and_jargon_file_give_thousands_of_clean_passages():
         assert not [p.source for p in passages if re.search(r"(: |\d\. )<[a-z, ]+>", p.text) or "__" in p.text]
         assert sum("{" in p.text or "}" in p.text for p in passages) < 0.01 * len(passages)
         assert all(p.text.startswith(p.source.partition(":")[2] + ": ") for p in passages)
+
+
+# ---------------------------------------------------------------- Python's documentation
+
+PATH_MODULE = """:mod:`os.path` --- Common pathname manipulations
+================================================
+
+.. module:: os.path
+   :synopsis: Operations on pathnames.
+
+.. index:: single: path; operations
+
+--------------
+
+This module implements some useful functions on pathnames. To read or write
+files see :func:`open`, and for accessing the filesystem see the :mod:`os`
+module.  Python does not do any *automatic* path expansions, see ``glob``::
+
+   >>> import glob
+   >>> glob.glob("*.txt")
+
+.. note::
+
+   All of these functions accept either only bytes or only string objects as
+   their parameters, and return an object of the same type.
+
+.. seealso:: The :mod:`pathlib` module offers high-level path objects.
+
+* :mod:`posixpath` for UNIX-style paths
+* :mod:`ntpath` for Windows paths
+
+.. function:: join(path, *paths, \\
+                   strict=False)
+
+   Join one or more path segments intelligently, as described in :pep:`8 <8>`
+   and :issue:`1234`.  The return value is the concatenation of *path* and all
+   members of **\\*paths**, with exactly one directory separator.
+
+   .. versionchanged:: 3.6
+      Accepts a :term:`path-like object` for *path* and *paths*.
+
+.. class:: PurePath(*pathsegments)
+
+   A generic class that represents the system's path flavour, whichever
+   system it is run on, and that never touches the filesystem at all.
+
+   .. method:: match(pattern)
+
+      Match this path against the provided glob-style pattern and return
+      whether matching was successful or not.
+
+.. This comment is not shown although it is long enough to count as prose here.
+
+=========  ==========================================================
+Operation  What it returns to the caller of the function in the module
+=========  ==========================================================
+"""
+
+TUTORIAL = """**************************
+  Whetting Your Appetite
+**************************
+
+If you do much work on computers, eventually you find that there's some task you'd like to automate.
+
+Perhaps you'd like to write a small custom search-and-replace program, or a game, or a quick script.
+
+Python is just the language for you, and it runs on Windows, macOS and Unix operating systems.
+"""
+
+
+@pytest.fixture
+def python_docs(tmp_path):
+    """A documentation sources folder as Debian's python3-doc installs it, one file gzipped as get_debian_prose.sh
+    stores it."""
+    root = tmp_path / "_sources"
+    (root / "library").mkdir(parents=True)
+    (root / "library" / "os.path.rst.txt").write_text(PATH_MODULE)
+    (root / "tutorial").mkdir()
+    with gzip.open(root / "tutorial" / "appetite.rst.txt.gz", "wt") as file:
+        file.write(TUTORIAL + "\nThe Glossary\n============\n\n" + TUTORIAL.split("\n\n", 2)[2])  # its last two
+    return root
+
+
+def test_python_docs_passages_are_titled_sections_and_descriptions_without_markup(python_docs):
+    passages = python_docs_passages(min_words=8, root=python_docs, max_words=40)
+    assert [(p.source, p.text) for p in passages] == [
+        # Paragraphs of 34, 24 and 7 words (two notes): at most 40 words of prose per passage, each titled.
+        ("python-docs/library/os.path.rst.txt:os.path - Common pathname manipulations",
+         "os.path - Common pathname manipulations: This module implements some useful functions on pathnames. To read "
+         "or write files see open, and for accessing the filesystem see the os module. Python does not do any automatic "
+         "path expansions, see glob:"),
+        ("python-docs/library/os.path.rst.txt:os.path - Common pathname manipulations",
+         "os.path - Common pathname manipulations: All of these functions accept either only bytes or only string "
+         "objects as their parameters, and return an object of the same type. The pathlib module offers high-level "
+         "path objects."),
+        # A description: titled by what it describes, in its module; its signature's two lines joined; a longer
+        # passage than 40 words, as the paragraph itself is.
+        ("python-docs/library/os.path.rst.txt:os.path.join(path, *paths, strict=False)",
+         "os.path.join(path, *paths, strict=False): Join one or more path segments intelligently, as described in 8 "
+         "and bpo-1234. The return value is the concatenation of path and all members of *paths, with exactly one "
+         "directory separator. Accepts a path-like object for path and paths."),
+        ("python-docs/library/os.path.rst.txt:os.path.PurePath(*pathsegments)",
+         "os.path.PurePath(*pathsegments): A generic class that represents the system's path flavour, whichever system "
+         "it is run on, and that never touches the filesystem at all."),
+        ("python-docs/library/os.path.rst.txt:os.path.PurePath.match(pattern)",
+         "os.path.PurePath.match(pattern): Match this path against the provided glob-style pattern and return whether "
+         "matching was successful or not."),
+        ("python-docs/tutorial/appetite.rst.txt:Whetting Your Appetite",
+         "Whetting Your Appetite: If you do much work on computers, eventually you find that there's some task you'd "
+         "like to automate. Perhaps you'd like to write a small custom search-and-replace program, or a game, or a "
+         "quick script."),
+        ("python-docs/tutorial/appetite.rst.txt:Whetting Your Appetite",
+         "Whetting Your Appetite: Python is just the language for you, and it runs on Windows, macOS and Unix operating "
+         "systems."),
+        # The same paragraphs under another title are another passage. The code, the list, the comment, the index
+        # entry, the module's options, the transition and the table are left out everywhere.
+        ("python-docs/tutorial/appetite.rst.txt:The Glossary",
+         "The Glossary: Perhaps you'd like to write a small custom search-and-replace program, or a game, or a quick "
+         "script. Python is just the language for you, and it runs on Windows, macOS and Unix operating systems."),
+    ]
+    assert {p.license for p in passages} == {"PSF-2.0"}
+    # Passages under min_words words of prose are left out (the title does not count).
+    longest = [p.text for p in python_docs_passages(min_words=35, root=python_docs, max_words=40)]
+    assert longest == [p.text for p in passages if len(p.text.partition(": ")[2].split()) >= 35] == [
+        passages[i].text for i in (2, 5)  # of 39 and 36 words; the first and the last passage's 34 are too few
+    ]
+    # With the default of about 180 words, the module's two paragraphs are one passage.
+    assert prose_passages("python-docs", min_words=8, root=python_docs)[0].text == (
+        passages[0].text + " " + passages[1].text.partition(": ")[2]
+    )
+
+
+def test_python_docs_passages_name_what_is_missing_or_malformed(python_docs, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No documentation sources .* under .*apt-get install python3-doc"):
+        python_docs_passages(root=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="max_words"):
+        python_docs_passages(min_words=50, max_words=40, root=python_docs)
+    (python_docs / "library" / "broken.rst.txt.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"broken.rst.txt.gz: not a readable documentation source"):
+        python_docs_passages(root=python_docs)
+
+
+PYTHON_DOCS = next(
+    (folder for folder in (Path(PYTHON_DOCS_FOLDER), Path(__file__).resolve().parents[1] / ".cache" / "debian_prose" / "python-docs")
+     if folder.is_dir()),
+    None,
+)
+
+
+@pytest.mark.skipif(PYTHON_DOCS is None, reason="Debian's python3-doc (scripts/get_debian_prose.sh)")
+def test_debians_python_documentation_gives_thousands_of_clean_passages():
+    passages = prose_passages("python-docs", root=PYTHON_DOCS)
+    assert len(passages) > 5000 and len({p.text for p in passages}) == len(passages)
+    assert all(len(p.text.split()) >= 40 for p in passages)
+    assert {p.source.split("/")[1] for p in passages} >= {"library", "reference", "tutorial", "howto", "faq"}
+    # The markup is resolved: no roles, literals or directives left; every passage starts with its title.
+    assert not [p.source for p in passages if re.search(r":[\w-]+:`|``|^\.\. |\n\.\. ", p.text)]
+    assert sum("`" in p.text for p in passages) < 0.002 * len(passages)  # backquotes the sources hold unbalanced
+    assert all(p.text.startswith(p.source.partition(":")[2] + ": ") for p in passages)
