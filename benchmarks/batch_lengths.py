@@ -58,7 +58,9 @@ def step_cost_fit(step_seconds: list[float], tokens: list[int], warm_up: int = 2
     (fixed, per_1k), *_ = np.linalg.lstsq(np.stack([np.ones_like(counts), counts], 1), seconds, rcond=None)
     residual = seconds - fixed - per_1k * counts
     return {"steps": len(seconds), "mean_step_s": round(float(seconds.mean()), 4),
-            "mean_tokens": round(float(counts.mean() * 1000)), "fixed_s": round(float(fixed), 4),
+            "mean_tokens": round(float(counts.mean() * 1000)),
+            "tokens_range": [round(float(counts.min() * 1000)), round(float(counts.max() * 1000))],
+            "fixed_s": round(float(fixed), 4),
             "per_1k_tokens_s": round(float(per_1k), 5),
             "r2": round(float(1 - residual.var() / seconds.var()), 3) if seconds.var() > 0 else None}
 
@@ -103,12 +105,16 @@ def main(argv=None) -> int:
         results["stages"][stage] = {"steps": steps, "steps_of_64_mod_128": at_risk, "lengths": lengths}
         print(f"{stage}: {steps} steps; generator lengths {min(lengths['generator'])}-{max(lengths['generator'])}; "
               f"steps with a length of 64 mod 128: {at_risk}")
-        if timed:
+        run = f"cr{config.rates[0]} {stage}"
+        if timed and run not in timed:
+            print(f"{stage}: the study did not train it (its time budget, or it stopped before).")
+        elif timed:
             tokens = [sum(step_tokens) for step_tokens in zip(*(lengths[f"{name} tokens"] for name in trained))]
-            fit = step_cost_fit(timed[f"cr{config.rates[0]} {stage}"]["step_seconds"], tokens)
+            fit = step_cost_fit(timed[run]["step_seconds"], tokens)
             results["stages"][stage]["step_cost"] = fit
             print(f"{stage}: a step costs {fit['fixed_s']} s plus {fit['per_1k_tokens_s']} s per 1,000 padded tokens "
-                  f"(R2 {fit['r2']}; mean {fit['mean_step_s']} s at {fit['mean_tokens']} tokens)")
+                  f"(R2 {fit['r2']}; mean {fit['mean_step_s']} s at {fit['mean_tokens']} tokens; the steps held "
+                  f"{fit['tokens_range'][0]}-{fit['tokens_range'][1]} tokens, so the fixed part is an extrapolation)")
     Path(lengths_output.output).write_text(json.dumps(results))
     return 0
 

@@ -169,21 +169,23 @@ class StudyConfig:
     prose_passages: int = field(
         default=0,
         metadata={"help": "Stage 1 also rebuilds this many passages of --prose_source (`clara prose`, a seeded "
-                  "sample; 0: none). On the CPU, docstring prose mixed 1:1 into repeated SCP chunks made held-out "
+                  "sample of all their passages; 0: none). On the CPU, docstring prose mixed 1:1 into repeated SCP chunks made held-out "
                   "memories carry more (docs/diagnosis.md, Finding 10); in the CPU study's stage 1, 315 docstring "
                   "passages nearly doubled the held-out gap, with 1.6 times the steps (Finding 11)."},
     )
-    prose_source: str = field(
-        default="stdlib",
-        metadata={"help": f"Where --prose_passages come from: one of {PROSE_SOURCES} (data_synthesis.prose): the "
-                  "standard library's docstrings (1,045 passages), FOLDOC (about 5,000) or the Jargon File (about "
-                  "1,500), the last two from Debian's dict-foldoc and dict-jargon packages."},
+    prose_source: list[str] = field(
+        default_factory=lambda: ["stdlib"],
+        metadata={"help": f"Where --prose_passages come from, one or more of {PROSE_SOURCES} (data_synthesis.prose): "
+                  "the standard library's docstrings (1,045 passages), FOLDOC (about 5,000), the Jargon File (about "
+                  "1,500), from Debian's dict-foldoc and dict-jargon packages, or Python's documentation (about 7,000, "
+                  "from Debian's python3-doc)."},
     )
-    prose_root: str | None = field(
+    prose_root: list[str] | None = field(
         default=None,
-        metadata={"help": "The folder --prose_source is read from (default: this Python's standard library, or "
-                  "/usr/share/dictd; scripts/get_debian_prose.sh puts FOLDOC and the Jargon File in "
-                  ".cache/debian_prose without root)."},
+        metadata={"help": "The folder each --prose_source is read from, one per source (default: this Python's "
+                  "standard library, /usr/share/dictd, /usr/share/doc/python3/html/_sources); "
+                  "scripts/get_debian_prose.sh puts FOLDOC and the Jargon File in .cache/debian_prose and Python's "
+                  "documentation in .cache/debian_prose/python-docs without root."},
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Tokens per answer."})
     reconstruction_tokens: int = field(default=160, metadata={"help": "Tokens per reconstructed passage."})
@@ -229,7 +231,15 @@ class StudyConfig:
         if self.teacher_max_new_tokens is not None and (self.instruct_answers != "teacher" or self.teacher_max_new_tokens < 1):
             raise ValueError(f"--teacher_max_new_tokens {self.teacher_max_new_tokens}: a number >= 1, for "
                              f"--instruct_answers teacher (here {self.instruct_answers!r}).")
-        check_prose_source(self.prose_source, "--prose_source")
+        # A single source or folder given in Python, and those of studies made when the options took one.
+        self.prose_source = [self.prose_source] if isinstance(self.prose_source, str) else self.prose_source
+        self.prose_root = [self.prose_root] if isinstance(self.prose_root, str) else self.prose_root
+        for source in self.prose_source:
+            check_prose_source(source, "--prose_source")
+        if not self.prose_source or len(set(self.prose_source)) < len(self.prose_source):
+            raise ValueError(f"--prose_source {self.prose_source}: one or more sources, each once.")
+        if self.prose_root is not None and len(self.prose_root) != len(self.prose_source):
+            raise ValueError(f"--prose_root {self.prose_root}: one folder per --prose_source {self.prose_source}.")
         if self.quick:
             self.rates, self.doc_max_length, self.held_out, self.train_passages = [16], 64, 8, 32
             self.questions_per_passage, self.scp_epochs, self.instruct_epochs, self.joint_epochs = 2, 1.0, 0.5, 0.25
@@ -321,10 +331,12 @@ def build_data(config: StudyConfig, directory: Path) -> dict:
     if config.reconstruction:
         scp += [reconstruction_record(r["docs"][0]) for r in train]
     if config.prose_passages:
-        prose = prose_passages(config.prose_source, root=config.prose_root)
+        roots = config.prose_root or [None] * len(config.prose_source)
+        prose = [p for source, root in zip(config.prose_source, roots) for p in prose_passages(source, root=root)]
         if config.prose_passages > len(prose):
             raise ValueError(
-                f"--prose_passages {config.prose_passages}: the {config.prose_source} prose has {len(prose)}."
+                f"--prose_passages {config.prose_passages}: the {' and '.join(config.prose_source)} prose has "
+                f"{len(prose)}."
             )
         sample = random.Random(config.seed + 4).sample(prose, config.prose_passages)
         scp += [reconstruction_row(replace(p, text=compressed_text(p.text, tokenizer, config.doc_max_length)))
@@ -895,8 +907,13 @@ def finished_results(folder: Path, option: str, hint: str) -> dict:
 
 def recorded_settings(results: dict) -> dict:
     """A study's settings, with the defaults of the settings added since it ran: what it ran with."""
-    defaults = {setting.name: setting.default for setting in fields(StudyConfig) if setting.default is not MISSING}
-    return defaults | results["settings"]
+    defaults = {setting.name: setting.default if setting.default is not MISSING else setting.default_factory()
+                for setting in fields(StudyConfig) if (setting.default, setting.default_factory) != (MISSING, MISSING)}
+    recorded = defaults | results["settings"]
+    for name in ("prose_source", "prose_root"):  # one name or folder in studies made when the options took one
+        if isinstance(recorded[name], str):
+            recorded[name] = [recorded[name]]
+    return recorded
 
 
 def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str | None, results: dict) -> None:
@@ -940,7 +957,9 @@ def write_docs(results: dict, docs_dir: Path) -> Path:
     docs_dir.mkdir(parents=True, exist_ok=True)
     settings, counts = results["settings"], results.get("data", {})
     prose = settings.get("prose_passages")  # runs made before --prose_source read the standard library's docstrings
-    prose_note = f", and {prose} passages of {settings.get('prose_source', 'stdlib')} prose rebuilt" if prose else ""
+    sources = settings.get("prose_source", "stdlib")  # one name in runs made before the option took several
+    sources = " and ".join([sources] if isinstance(sources, str) else sources)
+    prose_note = f", and {prose} passages of {sources} prose rebuilt" if prose else ""
     teacher = settings.get("instruct_answers") == "teacher"  # runs made before --instruct_answers trained on gold
     teacher_note = (f" whose answers are the bare base's own, reading the passage (teacher answers of at most "
                     f"{settings.get('teacher_max_new_tokens') or settings['max_new_tokens']} tokens)" if teacher else "")

@@ -34,18 +34,21 @@ class ProseArguments:
     """Output and filter of `clara prose`."""
 
     output: str = field(metadata={"help": "Output JSONL of SCP reconstruction rows (overwritten)."})
-    min_words: int = field(default=40, metadata={"help": "Shortest passage kept, in words (a dictd entry's title not counted)."})
+    min_words: int = field(default=40, metadata={"help": "Shortest passage kept, in words (an entry's or section's title not counted)."})
     limit: int | None = field(default=None, metadata={"help": "Write at most this many passages (the first ones)."})
     source: str = field(
         default="stdlib",
         metadata={"help": "stdlib: the Python standard library's docstrings (PSF License 2.0, shipped with Python); "
                   "foldoc: the Free On-line Dictionary of Computing (GNU FDL), or jargon: the Jargon File (public "
-                  "domain), as Debian's dict-foldoc and dict-jargon packages install them."},
+                  "domain), as Debian's dict-foldoc and dict-jargon packages install them; python-docs: Python's "
+                  "documentation (PSF License 2.0), from the sources Debian's python3-doc package installs."},
     )
     root: str | None = field(
         default=None,
-        metadata={"help": "The folder to read: a standard library folder (default: this Python's), or the dictd "
-                  "folder that holds foldoc.index or jargon.index (default: /usr/share/dictd)."},
+        metadata={"help": "The folder to read: a standard library folder (default: this Python's), the dictd "
+                  "folder that holds foldoc.index or jargon.index (default: /usr/share/dictd), or the documentation's "
+                  "sources (default: /usr/share/doc/python3/html/_sources). scripts/get_debian_prose.sh puts the "
+                  "last three in .cache/debian_prose and .cache/debian_prose/python-docs without root."},
     )
 
 
@@ -77,7 +80,8 @@ def _prose(argv: list[str]) -> int:
 
     (args,) = _parse(
         argv, ProseArguments, "clara prose",
-        "Write real prose read offline (the Python standard library's docstrings, FOLDOC or the Jargon File) as SCP "
+        "Write real prose read offline (the Python standard library's docstrings, FOLDOC, the Jargon File or Python's "
+        "documentation) as SCP "
         "reconstruction rows (data_type 'paraphrase', the target is the passage) for `clara train scp`.",
     )
     if args.limit is not None and args.limit < 1:
@@ -331,7 +335,7 @@ COMMANDS = {
     "demo": (_demo, "Compress a small real corpus into a memory bank; answer from it with CLaRa and text RAG, timed."),
     "train": (_train, "Train one stage: clara train scp|instruct|joint [--config RECIPE] [--field value ...]."),
     "synthesize": (_synthesize, "Synthesize SCP training data from a corpus with a local or served LLM."),
-    "prose": (_prose, "Write real prose read offline (stdlib docstrings, FOLDOC, Jargon File) as reconstruction rows."),
+    "prose": (_prose, "Write real prose read offline (stdlib docstrings, FOLDOC, Jargon File, Python's docs) as reconstruction rows."),
     "evaluate": (_evaluate, "Evaluate a CLaRa model or a baseline: EM, F1, cover, Recall@k; JSON + markdown report."),
     "compress": (_compress, "Compress a corpus once into a memory bank (resumable, sharded; accelerate launch splits it)."),
     "ask": (_ask, "Answer a question from a memory bank: rank, read the top k memories, generate."),

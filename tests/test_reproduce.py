@@ -457,6 +457,7 @@ def test_step_cost_fit_splits_step_times_into_a_fixed_part_and_a_part_per_token(
     result = fit([5.0, 5.0] + [0.3 + 0.05 * count / 1000 for count in tokens[2:]], tokens)
     assert result["fixed_s"] == pytest.approx(0.3) and result["per_1k_tokens_s"] == pytest.approx(0.05)
     assert result["steps"] == 4 and result["r2"] == 1.0 and result["mean_tokens"] == 2500
+    assert result["tokens_range"] == [1000, 4000]
     with pytest.raises(ValueError, match="5 step times for 6 batches"):
         fit([0.3] * 5, tokens)
 
@@ -528,6 +529,27 @@ def test_the_study_adds_prose_to_stage_1_when_asked(reproduce, tiny_base_dir, tm
         reproduce.StudyConfig(joint_batch_size=0)
     with pytest.raises(ValueError, match="Unknown --prose_source 'wikipedia'"):
         reproduce.StudyConfig(prose_source="wikipedia")
+
+    # Several sources, each from its folder: one seeded sample of all their passages.
+    jargon = write_dictd(tmp_path / "jargon", "jargon", foldoc_entries(["lake", "pond"], 6))
+    both = dict(settings, prose_source=["foldoc", "jargon"], prose_root=[str(dictd), str(jargon)])
+    data = reproduce.build_data(reproduce.StudyConfig(**both, prose_passages=5), tmp_path / "both")
+    rows = [json.loads(line) for line in Path(data["scp"]).read_text().splitlines()][-5:]
+    assert sorted(row["source"].split(":")[0] for row in rows) == ["dict-foldoc/foldoc"] * 3 + ["dict-jargon/jargon"] * 2
+    with pytest.raises(ValueError, match="--prose_passages 6: the foldoc and jargon prose has 5"):
+        reproduce.build_data(reproduce.StudyConfig(**both, prose_passages=6), tmp_path / "too_many_of_both")
+    with pytest.raises(ValueError, match="one folder per --prose_source"):
+        reproduce.StudyConfig(**both | {"prose_root": [str(dictd)]})
+    with pytest.raises(ValueError, match="each once"):
+        reproduce.StudyConfig(prose_source=["foldoc", "foldoc"])
+
+
+def test_a_studys_recorded_settings_read_a_single_prose_source_as_a_list(reproduce):
+    recorded = reproduce.recorded_settings({"settings": {"prose_source": "foldoc", "prose_root": "/dictd"}})
+    assert recorded["prose_source"] == ["foldoc"] and recorded["prose_root"] == ["/dictd"]
+    before_the_option = reproduce.recorded_settings({"settings": {}})
+    assert before_the_option["prose_source"] == ["stdlib"] and before_the_option["prose_root"] is None
+    assert before_the_option["rates"] == reproduce.StudyConfig().rates  # a default made by a factory
 
 
 def test_the_diagnosis_adds_prose_chunks_to_every_training_set(diagnosis, tiny_base_dir, tmp_path):
