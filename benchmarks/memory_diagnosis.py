@@ -29,8 +29,8 @@ a model option):
 
 With `--gap_every N` the held-out gap is also measured every N training steps (the curve goes into results.json).
 With `--prose_chunks N`, N chunks of other real prose (`--prose_source`: the Python standard library's docstrings,
-FOLDOC or the Jargon File; `clara prose`) join every training set: does prose from elsewhere help held-out SCP
-passages?
+FOLDOC, the Jargon File or Python's documentation; `clara prose`) join every training set: does prose from elsewhere
+help held-out SCP passages?
 
     python benchmarks/memory_diagnosis.py          # SmolLM2 on 2 CPU cores, 9-15 minutes per variant
     python benchmarks/memory_diagnosis.py --variants reference centred --train_chunks 256 2048   # --help: the rest
@@ -110,7 +110,8 @@ class DiagnosisConfig:
     prose_source: str = field(default="stdlib", metadata={
         "help": f"Where --prose_chunks come from: one of {PROSE_SOURCES} (data_synthesis.prose; `clara prose`)."})
     prose_root: str | None = field(default=None, metadata={
-        "help": "The folder --prose_source is read from (default: this Python's standard library, or /usr/share/dictd)."})
+        "help": "The folder --prose_source is read from (default: this Python's standard library, /usr/share/dictd, or "
+                "/usr/share/doc/python3/html/_sources)."})
     doc_tokens: int = field(default=32, metadata={"help": "Tokens per chunk (doc_max_length)."})
     rate: int = field(default=8, metadata={"help": "Compression rate."})
     held_out: int = field(default=150, metadata={"help": "Held-out passages of the split."})
