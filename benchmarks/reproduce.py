@@ -169,9 +169,9 @@ class StudyConfig:
     prose_passages: int = field(
         default=0,
         metadata={"help": "Stage 1 also rebuilds this many passages of --prose_source (`clara prose`, a seeded "
-                  "sample of all their passages; 0: none). On the CPU, docstring prose mixed 1:1 into repeated SCP chunks made held-out "
-                  "memories carry more (docs/diagnosis.md, Finding 10); in the CPU study's stage 1, 315 docstring "
-                  "passages nearly doubled the held-out gap, with 1.6 times the steps (Finding 11)."},
+                  "sample of all their passages; 0: none). On the CPU, docstring prose mixed 1:1 into repeated SCP "
+                  "chunks made held-out memories carry more (docs/diagnosis.md, Finding 10); in the CPU study's stage "
+                  "1, 315 docstring passages nearly doubled the held-out gap, with 1.6 times the steps (Finding 11)."},
     )
     prose_source: list[str] = field(
         default_factory=lambda: ["stdlib"],
@@ -231,7 +231,7 @@ class StudyConfig:
         if self.teacher_max_new_tokens is not None and (self.instruct_answers != "teacher" or self.teacher_max_new_tokens < 1):
             raise ValueError(f"--teacher_max_new_tokens {self.teacher_max_new_tokens}: a number >= 1, for "
                              f"--instruct_answers teacher (here {self.instruct_answers!r}).")
-        # A single source or folder given in Python, and those of studies made when the options took one.
+        # One source or folder given as a string (from Python) is a list of one.
         self.prose_source = [self.prose_source] if isinstance(self.prose_source, str) else self.prose_source
         self.prose_root = [self.prose_root] if isinstance(self.prose_root, str) else self.prose_root
         for source in self.prose_source:
