@@ -47,8 +47,8 @@ class ProseArguments:
         default=None,
         metadata={"help": "The folder to read: a standard library folder (default: this Python's), the dictd "
                   "folder that holds foldoc.index or jargon.index (default: /usr/share/dictd), or the documentation's "
-                  "sources (default: /usr/share/doc/python3/html/_sources). scripts/get_debian_prose.sh puts the "
-                  "last three in .cache/debian_prose and .cache/debian_prose/python-docs without root."},
+                  "sources (default: /usr/share/doc/python3/html/_sources). scripts/get_debian_prose.sh puts FOLDOC and "
+                  "the Jargon File in .cache/debian_prose, the documentation in .cache/debian_prose/python-docs."},
     )
 
 

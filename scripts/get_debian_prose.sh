@@ -3,7 +3,7 @@
 # their copyright files), in .cache/debian_prose, without root and without installing the dictd server those
 # packages depend on. Then: `clara prose --source foldoc --root .cache/debian_prose`, or the study's
 # `--prose_source foldoc --prose_root .cache/debian_prose`. Also Python's documentation, the reStructuredText sources
-# that python3-doc installs (each file gzipped: 3.5 MB), in .cache/debian_prose/python-docs, with its copyright file:
+# that python3-doc installs (each file gzipped: 3.3 MB), in .cache/debian_prose/python-docs, with its copyright file:
 # `--prose_source python-docs --prose_root .cache/debian_prose/python-docs`. Needs apt-get and dpkg-deb (Debian and
 # its derivatives).
 set -euo pipefail
