@@ -231,9 +231,7 @@ class StudyConfig:
         if self.teacher_max_new_tokens is not None and (self.instruct_answers != "teacher" or self.teacher_max_new_tokens < 1):
             raise ValueError(f"--teacher_max_new_tokens {self.teacher_max_new_tokens}: a number >= 1, for "
                              f"--instruct_answers teacher (here {self.instruct_answers!r}).")
-        # One source or folder given as a string (from Python) is a list of one.
-        self.prose_source = [self.prose_source] if isinstance(self.prose_source, str) else self.prose_source
-        self.prose_root = [self.prose_root] if isinstance(self.prose_root, str) else self.prose_root
+        self.prose_source, self.prose_root = listed(self.prose_source), listed(self.prose_root)
         for source in self.prose_source:
             check_prose_source(source, "--prose_source")
         if not self.prose_source or len(set(self.prose_source)) < len(self.prose_source):
@@ -910,10 +908,13 @@ def recorded_settings(results: dict) -> dict:
     defaults = {setting.name: setting.default if setting.default is not MISSING else setting.default_factory()
                 for setting in fields(StudyConfig) if (setting.default, setting.default_factory) != (MISSING, MISSING)}
     recorded = defaults | results["settings"]
-    for name in ("prose_source", "prose_root"):  # one name or folder in studies made when the options took one
-        if isinstance(recorded[name], str):
-            recorded[name] = [recorded[name]]
-    return recorded
+    return recorded | {name: listed(recorded[name]) for name in ("prose_source", "prose_root")}
+
+
+def listed(value):
+    """A prose source or folder given as one string (from Python, or recorded by a study made when the options took
+    one) as a list of one; a list or None as it is."""
+    return [value] if isinstance(value, str) else value
 
 
 def export_checkpoint(model: ClaraForRAG, directory: Path, base_reference: str | None, results: dict) -> None:
