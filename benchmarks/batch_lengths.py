@@ -26,19 +26,22 @@ from reproduce import StudyConfig, build_data, new_model, training_settings  # n
 
 from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer  # noqa: E402
 
-SEQUENCES = {"generator": "input_ids", "documents": "document_input_ids", "questions": "query_input_ids"}
+SEQUENCES = {"generator": ("input_ids", "attention_mask"), "documents": ("document_input_ids", "document_attention_mask"),
+             "questions": ("query_input_ids", "query_attention_mask")}
 
 
 def batch_lengths(trainer) -> dict[str, list[int]]:
     """Per sequence the attention runs over (the generator's, the documents' and, in stage 3, the questions'): its
-    padded length at each step of `trainer.train()`, and under "<name> tokens" its padded tokens (sequences x length)."""
+    padded length at each step of `trainer.train()`, under "<name> tokens" its padded tokens (sequences x length), and
+    under "<name> real tokens" those that are not padding."""
     lengths = {}
 
     def training_step(model, inputs, num_items_in_batch=None):
-        for name, key in SEQUENCES.items():
+        for name, (key, mask) in SEQUENCES.items():
             if key in inputs:
                 lengths.setdefault(name, []).append(inputs[key].shape[-1])
                 lengths.setdefault(f"{name} tokens", []).append(inputs[key].numel())
+                lengths.setdefault(f"{name} real tokens", []).append(int(inputs[mask].sum()))
         return torch.zeros(())
 
     trainer.training_step = training_step
@@ -94,7 +97,9 @@ def main(argv=None) -> int:
     ]:
         if not epochs:
             continue
-        settings = training_settings(config, Path(config.output_dir) / "lengths", epochs, learning_rate, batch_size)
+        settings = training_settings(
+            config, Path(config.output_dir) / "lengths", epochs, learning_rate, batch_size, config.group_by_length
+        )
         trainer = trainer_class(model, config_class(train_file=file, **settings | {"logging_steps": 10**9}))
         lengths = batch_lengths(trainer)
         # Only sequences with a backward pass count; stage 3 compresses its documents without one.

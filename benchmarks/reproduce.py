@@ -62,7 +62,7 @@ RESUMABLE_SETTINGS = {"time_budget_s", "docs_dir", "export_dir", "export_base", 
 # from another (--start_from) may change them, and runs again from the first stage whose settings changed.
 STAGE_SETTINGS = {
     "stage 1": {"scp_epochs", "learning_rate", "batch_size", "reconstruction", "prose_passages", "prose_source",
-                "prose_root", "scp_distillation_weight", "cudnn_attention"},
+                "prose_root", "scp_distillation_weight", "cudnn_attention", "group_by_length"},
     "stage 2": {"instruct_epochs", "instruct_learning_rate", "instruct_batch_size", "instruct_answers",
                 "teacher_max_new_tokens", "instruct_distillation_weight"},
     "stage 3": {"joint_epochs", "joint_learning_rate", "joint_batch_size"},
@@ -164,6 +164,11 @@ class StudyConfig:
         metadata={"help": "Processes that collate the next batches while a step trains (0: the training loop collates "
                   "each batch itself, between steps). On a GPU, 2 takes the collation off the host's path; on a "
                   "2-core CPU the workers would compete with the step's threads (docs/performance.md)."},
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch rows of similar length in every stage (`train_sampling_strategy=\"group_by_length\"`): "
+                  "less padding, so fewer tokens per step; other batches than without it (docs/performance.md)."},
     )
     reconstruction: bool = field(default=True, metadata={"help": "Stage 1 also rebuilds each train passage."})
     prose_passages: int = field(
@@ -571,15 +576,18 @@ def retrieval_baselines(config: StudyConfig, data: dict) -> dict:
 
 
 def training_settings(
-    config: StudyConfig, directory: Path, epochs: float, learning_rate: float, batch_size: int | None = None
+    config: StudyConfig, directory: Path, epochs: float, learning_rate: float, batch_size: int | None = None,
+    group_by_length: bool = False,
 ) -> dict:
-    """A stage's training arguments; `batch_size` None: the study's `--batch_size`."""
+    """A stage's training arguments; `batch_size` None: the study's `--batch_size`; `group_by_length`: batches of
+    rows of similar length."""
     batch_size = config.batch_size if batch_size is None else batch_size
     return dict(
         output_dir=str(directory), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1, learning_rate=learning_rate, warmup_steps=0.03, logging_steps=10,
         save_strategy="no", report_to="none", bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
         max_length=config.max_length, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
     )
 
 
@@ -822,7 +830,10 @@ class Study:
 
     def stage_1(self, model: ClaraForRAG, name: str, first_rate: bool):
         config, data, passages = self.config, self.data, self.data["held_out_passages"]
-        settings = training_settings(config, self.output / name / "scp", config.scp_epochs, config.learning_rate)
+        settings = training_settings(
+            config, self.output / name / "scp", config.scp_epochs, config.learning_rate,
+            group_by_length=config.group_by_length,
+        )
         self.results["training"][f"{name} stage 1"] = train_stage(
             SCPTrainer, SCPConfig, model, settings, data["scp"], distillation_weight=config.scp_distillation_weight,
             **self.trainer_options,
@@ -836,7 +847,7 @@ class Study:
         config, data = self.config, self.data
         settings = training_settings(
             config, self.output / name / "instruct", config.instruct_epochs, config.instruct_learning_rate,
-            config.instruct_batch_size,
+            config.instruct_batch_size, config.group_by_length,
         )
         instruct, teacher = data["instruct"], None
         if config.instruct_answers == "teacher":
@@ -864,7 +875,7 @@ class Study:
         model.config.generation_top_k = 1
         settings = training_settings(
             config, self.output / name / "joint", config.joint_epochs, config.joint_learning_rate,
-            config.joint_batch_size,
+            config.joint_batch_size, config.group_by_length,
         )
         self.results["training"][f"{name} stage 3"] = train_stage(
             JointTrainer, JointConfig, model, settings, data["joint"], precompute_document_memories=True,

@@ -563,3 +563,73 @@ def test_rows_too_long_for_the_text_reader_are_refused_when_read(tokenizer, tmp_
     with pytest.raises(MalformedRowError, match=rf"instruct.jsonl:2: its text prompt and answer \(distillation from the "
                                                 rf"text\) have \d+ tokens, more than the base model's context \({context} positions\)"):
         InstructTrainer(model, stage_config(InstructConfig, tmp_path, train_file=data, max_length=context, distillation_weight=1.0))
+
+
+# ---------------------------------------------------------------- batches grouped by length
+
+
+def scp_rows_of_many_lengths():
+    """`scp_rows` whose paraphrase answers grow from 1 to 8 repetitions: generator sequences of very different lengths."""
+    rows = scp_rows()
+    for i, row in enumerate(rows[1::2]):
+        row["answers"] = [" ".join(row["answers"] * (i + 1))]
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("trainer_class", "config_class", "rows", "stage"),
+    [(SCPTrainer, SCPConfig, scp_rows_of_many_lengths, "scp"), (JointTrainer, JointConfig, joint_rows, "joint")],
+)
+def test_row_lengths_count_every_token_a_row_puts_into_its_batch(tokenizer, tmp_path, trainer_class, config_class, rows, stage):
+    from trainers.clara_trainer import row_lengths
+
+    model = new_model(tokenizer)
+    model.config.training_stage = {"scp": None, "joint": "instruct"}[stage]
+    trainer = trainer_class(
+        model, stage_config(config_class, tmp_path), train_dataset=dataset(rows(), stage),
+        model_args=ClaraModelConfig(generation_top_k=2) if stage == "joint" else None,
+    )
+    expected = []
+    for row in trainer.train_dataset:
+        alone = trainer.data_collator([row])  # one row: no padding, every position is the row's
+        expected.append(sum(alone[key].numel() for key in ("input_ids", "document_input_ids", "query_input_ids") if key in alone))
+    assert row_lengths(trainer.data_collator, trainer.train_dataset) == expected
+    assert len(set(expected)) > 1
+
+
+def test_group_by_length_batches_rows_of_similar_length_and_reads_every_row_once(tokenizer, tmp_path):
+    seen = {}
+    for strategy in ("random", "group_by_length"):
+        model = new_model(tokenizer)
+        before = snapshot(model)
+        # 64 rows in batches of 4: the sampler sorts megabatches of 16 rows (transformers' default for this size).
+        config = stage_config(SCPConfig, tmp_path / strategy, train_sampling_strategy=strategy, max_steps=-1,
+                              num_train_epochs=1, per_device_train_batch_size=4, logging_steps=100)
+        trainer = SCPTrainer(model, config, train_dataset=dataset(scp_rows_of_many_lengths() * 4, "scp"))
+        batches, original_step = [], trainer.training_step
+
+        def training_step(model, inputs, num_items_in_batch=None):
+            rows = [tuple(ids[mask].tolist()) for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"].bool())]
+            batches.append(rows)
+            return original_step(model, inputs, num_items_in_batch)
+
+        trainer.training_step = training_step
+        trainer.train()
+        assert changed_parameters(model, before)
+        seen[strategy] = batches
+    rows = {strategy: sorted(row for batch in batches for row in batch) for strategy, batches in seen.items()}
+    assert len(rows["random"]) == 64 and rows["group_by_length"] == rows["random"]  # every row once, in both orders
+    padding = {
+        strategy: sum(max(map(len, batch)) * len(batch) - sum(map(len, batch)) for batch in batches)
+        for strategy, batches in seen.items()
+    }
+    assert padding["group_by_length"] < padding["random"] / 2, padding
+
+def test_group_by_length_keeps_given_lengths_and_needs_a_dataset(tokenizer, tmp_path):
+    config = stage_config(SCPConfig, tmp_path, train_sampling_strategy="group_by_length")
+    rows = dataset(scp_rows(), "scp")
+    given = list(range(len(rows)))
+    trainer = SCPTrainer(new_model(tokenizer), config, train_dataset=rows.add_column("length", given))
+    assert trainer.train_dataset["length"] == given
+    with pytest.raises(ValueError, match="needs the rows as a datasets.Dataset"):
+        SCPTrainer(new_model(tokenizer), config, train_dataset=list(rows))

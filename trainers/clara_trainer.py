@@ -4,8 +4,10 @@ batch, separate loss logging, retrieval metrics and saving complete `ClaraForRAG
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import sys
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
+from datasets import Dataset
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -20,16 +23,20 @@ from modeling_clara import ClaraForRAG
 from modeling_clara.modeling_clara import ADAPTER_WEIGHTS_FILE
 
 from .clara_config import ClaraTrainingConfig
-from .data import load_rows
+from .data import CHECK_CHUNK_ROWS, load_rows
 from .model_config import ARCHITECTURE_FIELDS, ClaraModelConfig
 
-__all__ = ["ClaraTrainer", "training_attention"]
+__all__ = ["ClaraTrainer", "row_lengths", "training_attention"]
+
+logger = logging.getLogger(__name__)
 
 TRUNCATION_METRICS = ("truncated_documents", "truncated_questions", "truncated_answers")
 # The text reader's inputs, in the batches of a stage that distils from the text (see `TextDistillationConfig`).
 TEXT_READER_INPUTS = ("text_input_ids", "text_attention_mask", "text_labels", "text_logits_to_keep")
 # Written into every checkpoint and output: what a resumed run must match, and the recipe for the model card.
 TRAINING_RECORD = "clara_training.json"
+# `train_sampling_strategy` values whose samplers read each row's length (`length_column_name`).
+LENGTH_SAMPLING_STRATEGIES = ("group_by_length", "batch_rebalance")
 RECIPE_FIELDS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_length", "weight_decay", "max_grad_norm", "seed", "bf16", "distillation_weight",
@@ -77,6 +84,9 @@ class ClaraTrainer(Trainer):
       H100/H200, pytorch/pytorch#196678).
     - Every row of `train_file` / `eval_file` is checked when it is read, including what the stage's collator will
       make of it (a prompt that leaves no room for the answer in `max_length`), so no row fails mid-run.
+    - `train_sampling_strategy="group_by_length"` (or `"batch_rebalance"`) works on the raw rows: unless the rows
+      have a `length_column_name` column, each row's length is what its batch's sequences hold for it, counted by
+      the stage's collator (`row_lengths`), and added as that column before training.
     """
 
     stage: str = ""
@@ -118,7 +128,11 @@ class ClaraTrainer(Trainer):
             train_dataset = self.load_data(args.train_file, model, args)
         if eval_dataset is None and args.eval_file:
             eval_dataset = self.load_data(args.eval_file, model, args)
-        kwargs.setdefault("data_collator", self.build_collator(model, args, [train_dataset, eval_dataset]))
+        collator = kwargs.setdefault("data_collator", self.build_collator(model, args, [train_dataset, eval_dataset]))
+        if args.train_sampling_strategy in LENGTH_SAMPLING_STRATEGIES:
+            train_dataset, eval_dataset = (
+                _with_lengths(rows, collator, args) for rows in (train_dataset, eval_dataset)
+            )
         kwargs.setdefault("processing_class", model.processor)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -363,6 +377,36 @@ class ClaraTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         (Path(output_dir) / TRAINING_RECORD).write_text(json.dumps(self.training_record, indent=2))
+
+
+def row_lengths(collator, rows) -> list[int]:
+    """Per row, the tokens it puts into its batch's sequences: the real (unpadded) tokens of every attention mask the
+    collator makes (the generator's, its documents', the question's, the text reader's). Batches of rows of similar
+    length carry little padding; this is what `group_by_length` sorts by."""
+    lengths = []
+    for start in range(0, len(rows), CHECK_CHUNK_ROWS):
+        batch = collator([rows[i] for i in range(start, min(start + CHECK_CHUNK_ROWS, len(rows)))])
+        masks = [mask.flatten(1).sum(1) for name, mask in batch.items() if name.endswith("attention_mask")]
+        lengths.extend(torch.stack(masks).sum(0).tolist())
+    return lengths
+
+
+def _with_lengths(rows: Dataset | None, collator, args: ClaraTrainingConfig) -> Dataset | None:
+    """`rows` with the `length_column_name` column that `train_sampling_strategy` reads, added if missing."""
+    if rows is None:
+        return None
+    if not isinstance(rows, Dataset):
+        raise ValueError(
+            f"train_sampling_strategy={args.train_sampling_strategy!r} needs the rows as a datasets.Dataset (as "
+            f"`load_rows` returns them), to add their lengths; got {type(rows).__name__}."
+        )
+    if args.length_column_name in rows.column_names:
+        return rows
+    started = time.perf_counter()
+    rows = rows.add_column(args.length_column_name, row_lengths(collator, rows))
+    logger.info("Counted the tokens of %d rows for train_sampling_strategy=%r in %.1f s.", len(rows),
+                args.train_sampling_strategy, time.perf_counter() - started)
+    return rows
 
 
 def _real_documents(batch: dict) -> torch.Tensor | int:
