@@ -33,13 +33,14 @@ logger = logging.getLogger(__name__)
 TRUNCATION_METRICS = ("truncated_documents", "truncated_questions", "truncated_answers")
 # The text reader's inputs, in the batches of a stage that distils from the text (see `TextDistillationConfig`).
 TEXT_READER_INPUTS = ("text_input_ids", "text_attention_mask", "text_labels", "text_logits_to_keep")
-# Written into every checkpoint and output: what a resumed run must match, and the recipe for the model card.
-TRAINING_RECORD = "clara_training.json"
 # `train_sampling_strategy` values whose samplers read each row's length (`length_column_name`).
 LENGTH_SAMPLING_STRATEGIES = ("group_by_length", "batch_rebalance")
+# Written into every checkpoint and output: what a resumed run must match, and the recipe for the model card.
+TRAINING_RECORD = "clara_training.json"
 RECIPE_FIELDS = (
     "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_length", "weight_decay", "max_grad_norm", "seed", "bf16", "distillation_weight",
+    "train_sampling_strategy",
 )
 
 
