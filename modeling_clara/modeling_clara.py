@@ -440,7 +440,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         _check_local_checkpoint(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         hub_kwargs = {
             key: kwargs[key]
-            for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "trust_remote_code")
+            for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "trust_remote_code",
+                        "force_download", "proxies")  # AutoModel passes the last two from transformers 5.25 on
             if key in kwargs
         }
         adapter_file = cached_file(

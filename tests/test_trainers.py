@@ -626,6 +626,7 @@ def test_group_by_length_batches_rows_of_similar_length_and_reads_every_row_once
     }
     assert padding["group_by_length"] < padding["random"] / 2, padding
 
+
 def test_group_by_length_keeps_given_lengths_and_needs_a_dataset(tokenizer, tmp_path):
     config = stage_config(SCPConfig, tmp_path, train_sampling_strategy="group_by_length")
     rows = dataset(scp_rows(), "scp")
