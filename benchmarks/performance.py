@@ -49,6 +49,7 @@ from transformers import HfArgumentParser, LogitsProcessorList, MistralConfig, M
 from clara_cli.demo import FirstTokenTimer, python_reference_corpus
 from evaluation.harness import default_device, machine_description
 from modeling_clara import ClaraForRAG, MemoryBank, load_base_model
+from trainers import CHECKPOINTING_ARGUMENT
 from trainers.clara_trainer import training_attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,7 +331,8 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
         return  # backward through 4096-wide layers: minutes per step on 2 CPU cores
     model = build_model(model_name, config, 32).train()
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # the name every transformers 5 has (newer: activation_checkpointing_enable)
+        # transformers 5.23 renamed the method and warns at the old name, which older releases have alone.
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     documents = cut_to_tokens(model, real_documents(max(config.training_rows) + 3), 256)
     answers = [cut_to_tokens(model, [d], 64)[0] for d in documents]  # targets of about 64 tokens
     plain = plain_lora_model(build_base(model_name, config)[0])  # once: every row count's plain step trains it
@@ -395,7 +397,7 @@ def loop_rows(model_name: str, config: PerformanceConfig, documents: list[str], 
             seconds = trainer_step_time(
                 model.float() if options else model, documents, answers, rows=len(documents),
                 dataloader_num_workers=config.dataloader_num_workers,
-                gradient_checkpointing=config.gradient_checkpointing, cudnn_attention=config.cudnn_attention, **options,
+                cudnn_attention=config.cudnn_attention, **{CHECKPOINTING_ARGUMENT: config.gradient_checkpointing}, **options,
             )
         except torch.OutOfMemoryError:
             seconds = "out of memory"

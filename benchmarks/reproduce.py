@@ -48,7 +48,15 @@ from data_synthesis.prose import (
 from evaluation import METRIC_PATH, EvaluationConfig, evaluate_model, retrieval_metrics
 from evaluation.harness import DenseRanker, bm25_rank, bm25_rankings, default_device, machine_description
 from modeling_clara import ClaraForRAG, compressed_text, cosine_scores, load_base_model, load_base_tokenizer
-from trainers import InstructConfig, InstructTrainer, JointConfig, JointTrainer, SCPConfig, SCPTrainer
+from trainers import (
+    CHECKPOINTING_ARGUMENT,
+    InstructConfig,
+    InstructTrainer,
+    JointConfig,
+    JointTrainer,
+    SCPConfig,
+    SCPTrainer,
+)
 from trainers.collators import PARAPHRASE_INSTRUCTION, InstructCollator, SCPCollator
 from trainers.data import validate_row
 
@@ -756,7 +764,7 @@ class Study:
     def trainer_options(self) -> dict:
         """What every stage's trainer takes from the study besides its stage's settings: how it computes."""
         config = self.config
-        return {"cudnn_attention": config.cudnn_attention, "gradient_checkpointing": config.gradient_checkpointing,
+        return {"cudnn_attention": config.cudnn_attention, CHECKPOINTING_ARGUMENT: config.gradient_checkpointing,
                 "dataloader_num_workers": config.dataloader_num_workers}
 
     @property

@@ -685,7 +685,7 @@ def test_gradient_checkpointing_gives_every_adapter_the_gradients_it_gets_withou
     gradients = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.activation_checkpointing_enable()
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()  # 5.23's name
         model.zero_grad()
         torch.manual_seed(0)  # the same dropout masks: the recomputation replays the forward pass's
         loss = model(**batch).loss

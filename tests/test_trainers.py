@@ -25,6 +25,7 @@ from testing_utils import (
     write_jsonl,
 )
 from trainers import (
+    CHECKPOINTING_ARGUMENT,
     ClaraModelConfig,
     InstructConfig,
     InstructTrainer,
@@ -53,7 +54,7 @@ def test_scp_with_gradient_checkpointing_trains_the_weights_it_trains_without(to
     trained = []
     for checkpointing in (False, True):
         model = new_model(tokenizer)
-        config = stage_config(SCPConfig, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
+        config = stage_config(SCPConfig, tmp_path / str(checkpointing), **{CHECKPOINTING_ARGUMENT: checkpointing})
         SCPTrainer(model, config, train_dataset=dataset(scp_rows(), "scp")).train()
         trained.append(model)
     without, with_checkpointing = trained

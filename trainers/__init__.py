@@ -1,7 +1,7 @@
 """Trainers for CLaRa's three stages, TRL-style: a config (a `TrainingArguments` subclass with the stage's reference
 defaults) and a `Trainer` subclass per stage."""
 
-from .clara_config import ClaraTrainingConfig, TextDistillationConfig
+from .clara_config import CHECKPOINTING_ARGUMENT, ClaraTrainingConfig, TextDistillationConfig
 from .clara_trainer import ClaraTrainer
 from .collators import InstructCollator, JointCollator, SCPCollator
 from .data import MalformedRowError, load_rows
@@ -20,6 +20,7 @@ STAGE_CLASSES = {
 }
 
 __all__ = [
+    "CHECKPOINTING_ARGUMENT",
     "ClaraModelConfig",
     "ClaraTrainer",
     "ClaraTrainingConfig",

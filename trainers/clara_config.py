@@ -1,11 +1,19 @@
 """Training arguments shared by the three stage configs."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import TrainingArguments
 
-__all__ = ["ClaraTrainingConfig", "TextDistillationConfig"]
+__all__ = ["CHECKPOINTING_ARGUMENT", "ClaraTrainingConfig", "TextDistillationConfig"]
+
+# The `TrainingArguments` field that turns gradient checkpointing on: transformers 5.23 renamed it
+# `activation_checkpointing` and warns at the old name, which older releases have alone.
+CHECKPOINTING_ARGUMENT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
 
 
 @dataclass
