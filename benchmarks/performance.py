@@ -22,6 +22,7 @@ Sections (each writes its rows into `results.json` as it finishes, then `docs/pe
 - step_overhead: the same steps on SmolLM2's modules at widths of 18 and a few tokens, where the arithmetic is
   negligible: the host's time per step (Python, dispatch, autograd), a floor under any GPU step of that model; and
   the time of one adapter switch.
+  `--compile_decoder_layers true` runs CLaRa's steps in these two sections with each decoder layer compiled.
 - retrieval: a memory bank of random vectors of the real shape, 10k / 100k / 1M documents: exact torch search and
   FAISS, build time, queries/s, bytes per document against the raw text.
 
@@ -84,6 +85,11 @@ class PerformanceConfig:
         default=False,
         metadata={"help": "Let the training section's steps use cuDNN attention (off, as the trainers run: "
                   "ClaraTrainingConfig.cudnn_attention)."},
+    )
+    compile_decoder_layers: bool = field(
+        default=False,
+        metadata={"help": "CLaRa's steps in the training and step_overhead sections with each decoder layer compiled "
+                  "(torch.compile, dynamic shapes; the plain LoRA step stays eager). The first step compiles."},
     )
     bank_sizes: list[int] = field(default_factory=lambda: [10_000, 100_000, 1_000_000], metadata={"help": "Bank sizes."})
     output: str = field(default=str(ROOT / "outputs" / "performance" / "results.json"), metadata={"help": "Raw results."})
@@ -180,6 +186,15 @@ def build_model(name: str, config: PerformanceConfig, compression_rate: int = 32
     base, tokenizer = build_base(name, config)
     torch.manual_seed(1)
     return ClaraForRAG.from_base_model(base, tokenizer, compression_rate=compression_rate, doc_max_length=256)
+
+
+def compiled(model: ClaraForRAG, config: PerformanceConfig) -> ClaraForRAG:
+    """`model`, with each decoder layer compiled if `config.compile_decoder_layers`: regional compilation, one
+    compiled layer for the 30 alike, specialised by dynamo's guards to the active adapter (compressor or generator)."""
+    if config.compile_decoder_layers:
+        for layer in model.language_model.get_decoder().layers:
+            layer.compile(dynamic=True)
+    return model
 
 
 def real_documents(count: int) -> list[str]:
@@ -329,7 +344,7 @@ def compression(model_name: str, config: PerformanceConfig, record) -> None:
 def training(model_name: str, config: PerformanceConfig, record) -> None:
     if model_name == "mistral-shape" and not torch.cuda.is_available():
         return  # backward through 4096-wide layers: minutes per step on 2 CPU cores
-    model = build_model(model_name, config, 32).train()
+    model = compiled(build_model(model_name, config, 32), config).train()
     if config.gradient_checkpointing:
         # transformers 5.23 renamed the method and warns at the old name, which older releases have alone.
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
@@ -348,7 +363,8 @@ def training(model_name: str, config: PerformanceConfig, record) -> None:
         for row in measured:
             clara_step = not row["what"].startswith("plain")
             record("training", {"model": model_name, **row}
-                   | ({"gradient_checkpointing": True} if config.gradient_checkpointing and clara_step else {}))
+                   | ({"gradient_checkpointing": True} if config.gradient_checkpointing and clara_step else {})
+                   | ({"compiled_decoder_layers": True} if config.compile_decoder_layers and clara_step else {}))
 
 
 def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
@@ -359,7 +375,7 @@ def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
     time of one adapter switch, and of a step through `SCPTrainer`'s loop."""
     if model_name != "smollm2":
         return  # the floor depends on the module structure: SmolLM2's is the one trained on GPUs so far
-    model = build_model("smollm2-narrow", config, 32).train()
+    model = compiled(build_model("smollm2-narrow", config, 32), config).train()
     documents = cut_to_tokens(model, real_documents(32), 32)  # 5 for the steps, all for the loop's epoch
     answers = [cut_to_tokens(model, [d], 8)[0] for d in documents]
 
@@ -374,11 +390,13 @@ def step_overhead(model_name: str, config: PerformanceConfig, record) -> None:
     record("step_overhead", {"model": "smollm2-narrow", "what": "adapter switch (enter and leave model.adapter)",
                              "step_s": (time.perf_counter() - started) / 20})
     plain = plain_lora_model(build_base("smollm2-narrow", config)[0])
+    compiled_row = {"compiled_decoder_layers": True} if config.compile_decoder_layers else {}
     for row in training_steps(model, plain, documents[:5], answers[:5], rows=2, repeats=10):
-        record("step_overhead", {"model": "smollm2-narrow", **row})
-    seconds = trainer_step_time(build_model("smollm2-narrow", config, 32), documents, answers)
+        record("step_overhead", {"model": "smollm2-narrow", **row}
+               | (compiled_row if not row["what"].startswith("plain") else {}))
+    seconds = trainer_step_time(compiled(build_model("smollm2-narrow", config, 32), config), documents, answers)
     record("step_overhead", {"model": "smollm2-narrow", "what": "stage 1 through SCPTrainer (the whole loop)", "rows": 2,
-                             "step_s": seconds})
+                             "step_s": seconds} | compiled_row)
 
 
 def loop_rows(model_name: str, config: PerformanceConfig, documents: list[str], answers: list[str]) -> list[dict]:
@@ -392,7 +410,7 @@ def loop_rows(model_name: str, config: PerformanceConfig, documents: list[str], 
     for suffix, options in precisions.items():
         row = {"what": f"stage 1 through SCPTrainer's loop{suffix}", "rows": len(documents),
                "dataloader_num_workers": config.dataloader_num_workers}
-        model = build_model(model_name, config, 32)
+        model = compiled(build_model(model_name, config, 32), config)
         try:
             seconds = trainer_step_time(
                 model.float() if options else model, documents, answers, rows=len(documents),
