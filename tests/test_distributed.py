@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from modeling_clara import ClaraForRAG
 from testing_utils import instruct_rows, scp_rows, write_jsonl
+from trainers import CHECKPOINTING_ARGUMENT
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ VARIANTS = {
     "plain": [],
     "centered": ["--center_memories", "true"],
     "distilled": ["--distillation_weight", "1"],
-    "checkpointed": ["--gradient_checkpointing", "true"],
+    "checkpointed": [f"--{CHECKPOINTING_ARGUMENT}", "true"],
     "grouped": ["--train_sampling_strategy", "group_by_length"],
 }
 
