@@ -22,7 +22,7 @@ Sections (each writes its rows into `results.json` as it finishes, then `docs/pe
 - step_overhead: the same steps on SmolLM2's modules at widths of 18 and a few tokens, where the arithmetic is
   negligible: the host's time per step (Python, dispatch, autograd), a floor under any GPU step of that model; and
   the time of one adapter switch.
-  `--compile_decoder_layers true` runs CLaRa's steps in these two sections with each decoder layer compiled.
+  `--compile_decoder_layers true` compiles each decoder layer for CLaRa's steps in this section and the training one.
 - retrieval: a memory bank of random vectors of the real shape, 10k / 100k / 1M documents: exact torch search and
   FAISS, build time, queries/s, bytes per document against the raw text.
 
